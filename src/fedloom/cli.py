@@ -1,0 +1,122 @@
+"""`fedloom run | runs | show`: the command line.
+
+`fedloom run` with no argument runs the embedded default federation (hospitals sharing the
+breast-cancer data that ships with scikit-learn), offline, in seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tomllib
+from importlib import resources
+from pathlib import Path
+
+from fedloom.config import ConfigError, RunConfig, load_config, parse_config
+from fedloom.store import RunStore, RunStoreError
+
+DEFAULT_CONFIG = "hospitals.toml"
+
+
+def default_config_text() -> str:
+    """The embedded default configuration, as TOML text."""
+    return resources.files("fedloom").joinpath("defaults", DEFAULT_CONFIG).read_text("utf-8")
+
+
+def _load(args: argparse.Namespace) -> RunConfig:
+    if args.config is None:
+        return parse_config(tomllib.loads(default_config_text()), f"<embedded {DEFAULT_CONFIG}>")
+    return load_config(args.config)
+
+
+def _store_path(args: argparse.Namespace, config: RunConfig | None = None) -> Path:
+    if args.store is not None:
+        return Path(args.store)
+    return Path(config.store.path if config is not None else RunConfig().store.path)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Validate the config, build the federation, run it, print the table."""
+    from fedloom.experiment import run_experiment  # heavy imports only when running
+
+    store_path = _store_path(args)
+    if args.resume is not None:
+        with RunStore(store_path) as store:
+            info = store.get_run(args.resume)
+            config = parse_config(info.config, f"run {info.id} in {store_path}")
+        return run_experiment(config, store_path, resume=info.id, quiet=args.quiet)
+    config = _load(args)
+    if args.print_config:
+        print(default_config_text() if args.config is None else Path(args.config).read_text())
+        return 0
+    return run_experiment(config, _store_path(args, config), quiet=args.quiet)
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    """List the runs in the store."""
+    from fedloom.report import runs_table
+
+    path = _store_path(args)
+    if not path.exists():
+        print(f"no runs yet ({path} does not exist)")
+        return 0
+    with RunStore(path) as store:
+        print(runs_table(store.list_runs()))
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    """Print one run: its config summary, rounds and rejections."""
+    from fedloom.report import rounds_table
+
+    with RunStore(_store_path(args)) as store:
+        info = store.get_run(args.run_id)
+        print(f"run {info.id}  {info.name}  status {info.status}  created {info.created}")
+        if info.message:
+            print(f"message: {info.message}")
+        if info.model_path:
+            print(f"model: {info.model_path}")
+        records = store.rounds(info.id)
+        print(rounds_table(records) if records else "no rounds recorded")
+        for round_number, rejection in store.rejections(info.id):
+            print(f"rejected in round {round_number}: {rejection.client_id}: {rejection.reason}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for tests and docs)."""
+    parser = argparse.ArgumentParser(prog="fedloom", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a federation (the embedded default with no CONFIG)")
+    run.add_argument("config", nargs="?", help="a TOML run configuration")
+    run.add_argument("--resume", metavar="RUN_ID", help="continue an interrupted run")
+    run.add_argument("--store", help="run store file (default: the config's store.path)")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--print-config", action="store_true", help="print the config and exit")
+    run.set_defaults(func=cmd_run)
+    runs = sub.add_parser("runs", help="list runs")
+    runs.add_argument("--store", help="run store file")
+    runs.set_defaults(func=cmd_runs)
+    show = sub.add_parser("show", help="show one run")
+    show.add_argument("run_id")
+    show.add_argument("--store", help="run store file")
+    show.set_defaults(func=cmd_show)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit status (2 for bad input, 130 on Ctrl-C)."""
+    args = build_parser().parse_args(argv)
+    try:
+        status: int = args.func(args)
+        return status
+    except (ConfigError, RunStoreError) as exc:
+        print(f"fedloom: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nfedloom: interrupted; resume with `fedloom run --resume RUN_ID`", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

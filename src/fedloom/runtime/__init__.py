@@ -1,0 +1,1 @@
+"""Runtimes: the round loop, client selection, and the transports clients sit behind."""

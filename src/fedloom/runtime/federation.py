@@ -1,0 +1,420 @@
+"""The round loop: select, dispatch, validate, aggregate, update, evaluate, record, checkpoint."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from fedloom.algorithms.base import ServerState, Strategy
+from fedloom.core.params import Layout, Params
+from fedloom.core.trainer import Trainer
+from fedloom.core.types import EvalConfig, FitConfig, Metrics, Reply, Task, TaskKind
+from fedloom.runtime.aggregate import StreamingMean, check_update
+from fedloom.runtime.client import ClientPool
+from fedloom.runtime.selection import SelectionError, client_seed, round_rng, select_clients
+from fedloom.runtime.transport import Transport
+from fedloom.store import (
+    ClientRecord,
+    Rejection,
+    RoundRecord,
+    RunStore,
+    checkpoint_path,
+    load_checkpoint,
+    prune,
+    save_checkpoint,
+    save_model,
+)
+
+
+class RoundFailed(RuntimeError):
+    """A round could not gather enough valid updates, even after its retries."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How a federation runs: rounds, sampling, local training, evaluation and stopping.
+
+    Selection per round draws max(`min_fit_clients`, ceil(`fraction_fit` * available)) clients;
+    the round succeeds when at least `min_replies` (default `min_fit_clients`) updates are
+    accepted, else it is retried up to `max_retries` times with a fresh draw, then fails.
+    Training stops after `rounds` rounds or when round metric `target_metric` reaches
+    `target_value` (">=" for mode "max", "<=" for "min").
+    """
+
+    rounds: int = 10
+    fraction_fit: float = 0.1
+    min_fit_clients: int = 1
+    min_replies: int | None = None
+    max_retries: int = 1
+    epochs: int = 1
+    batch_size: int = 10
+    learning_rate: float = 0.01
+    fraction_evaluate: float = 0.0
+    min_evaluate_clients: int = 0
+    evaluate_every: int = 1
+    seed: int = 0
+    target_metric: str | None = None
+    target_value: float | None = None
+    target_mode: Literal["max", "min"] = "max"
+    keep_checkpoints: int = 2
+
+    def __post_init__(self) -> None:
+        checks: list[tuple[bool, str, str]] = [
+            (self.rounds >= 1, "rounds", "must be at least 1"),
+            (0.0 < self.fraction_fit <= 1.0, "fraction_fit", "must be in (0, 1]"),
+            (self.min_fit_clients >= 1, "min_fit_clients", "must be at least 1"),
+            (self.max_retries >= 0, "max_retries", "must be >= 0"),
+            (self.epochs >= 1, "epochs", "must be at least 1"),
+            (self.batch_size >= 1, "batch_size", "must be at least 1"),
+            (self.learning_rate > 0, "learning_rate", "must be > 0"),
+            (0.0 <= self.fraction_evaluate <= 1.0, "fraction_evaluate", "must be in [0, 1]"),
+            (self.min_evaluate_clients >= 0, "min_evaluate_clients", "must be >= 0"),
+            (self.evaluate_every >= 1, "evaluate_every", "must be at least 1"),
+            (self.keep_checkpoints >= 1, "keep_checkpoints", "must be at least 1"),
+            (
+                self.min_replies is None or 1 <= self.min_replies <= self.min_fit_clients,
+                "min_replies",
+                "must be between 1 and min_fit_clients",
+            ),
+            (
+                (self.target_metric is None) == (self.target_value is None),
+                "target_value",
+                "target_metric and target_value must be set together",
+            ),
+        ]
+        for ok, key, why in checks:
+            if not ok:
+                raise ValueError(f"{key} = {getattr(self, key)!r}: {why}")
+
+    @property
+    def replies_needed(self) -> int:
+        """Accepted updates a round needs."""
+        return self.min_replies if self.min_replies is not None else self.min_fit_clients
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """What one round did (also what the run store keeps)."""
+
+    record: RoundRecord
+    state: ServerState
+
+
+@dataclass
+class RunResult:
+    """A finished (or stopped) run: its id in the store, final state and per-round records."""
+
+    run_id: str | None
+    state: ServerState
+    history: list[RoundRecord] = field(default_factory=list)
+    stopped: str = "rounds"
+    model_path: Path | None = None
+
+    def metric(self, name: str) -> list[float]:
+        """The per-round values of one metric (rounds that lack it are skipped)."""
+        return [r.metrics[name] for r in self.history if name in r.metrics]
+
+
+class Federation:
+    """Runs a strategy over the clients behind a transport.
+
+    `client_ids` are every client the transport can reach; `available(round)` (optional) says
+    which of them may be selected in a round. `evaluate_fn(params)` (optional) is the
+    centralized evaluation on a server-side test set. With a `store` and `run_dir`, every round
+    is checkpointed (into `run_dir / <run id>`) and recorded, and `resume` continues a run from
+    its last checkpoint.
+    """
+
+    def __init__(
+        self,
+        strategy: Strategy,
+        transport: Transport,
+        client_ids: Sequence[str],
+        settings: Settings,
+        *,
+        evaluate_fn: Callable[[Params], Metrics] | None = None,
+        available: Callable[[int], Collection[str]] | None = None,
+        store: RunStore | None = None,
+        run_dir: Path | None = None,
+        on_round: Callable[[RoundResult], None] | None = None,
+    ) -> None:
+        if len(set(client_ids)) != len(client_ids):
+            raise ValueError("client ids must be unique")
+        if settings.min_fit_clients > len(client_ids):
+            raise ValueError(
+                f"min_fit_clients = {settings.min_fit_clients} exceeds the "
+                f"{len(client_ids)} clients of this federation"
+            )
+        if (store is None) != (run_dir is None):
+            raise ValueError("store and run_dir must be given together")
+        self.strategy = strategy
+        self.transport = transport
+        self.client_ids = list(client_ids)
+        self._index = {cid: i for i, cid in enumerate(self.client_ids)}
+        self.settings = settings
+        self.evaluate_fn = evaluate_fn
+        self.available = available
+        self.store = store
+        self.run_dir = run_dir
+        self.on_round = on_round
+
+    @classmethod
+    def simulation(
+        cls,
+        strategy: Strategy,
+        trainers: Mapping[str, Trainer],
+        settings: Settings,
+        *,
+        workers: int = 1,
+        **options: Any,
+    ) -> Federation:
+        """A federation of simulated clients in this machine: `workers=1` runs them in this
+        process, `workers=N` in N forked processes, `workers=0` one process per core.
+        `options` are the keyword arguments of the constructor."""
+        from fedloom.runtime.processes import ProcessTransport
+        from fedloom.runtime.transport import InProcessTransport
+
+        pool = ClientPool(trainers)
+        transport: Transport = (
+            InProcessTransport(pool) if workers == 1 else ProcessTransport(pool, workers=workers)
+        )
+        return cls(strategy, transport, list(trainers), settings, **options)
+
+    def close(self) -> None:
+        """Release the transport (worker processes, connections)."""
+        self.transport.close()
+
+    def __enter__(self) -> Federation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- public entry points --------------------------------------------------------------------
+    def run(
+        self, initial: Params, *, name: str = "run", config: dict[str, Any] | None = None
+    ) -> RunResult:
+        """Start a new run from `initial` and train until a stopping rule fires."""
+        state = self.strategy.init(initial)
+        run_id = None
+        if self.store is not None and self.run_dir is not None:
+            run_id = self.store.create_run(
+                name, config or {}, self.settings.seed, str(self.run_dir)
+            )
+        return self._loop(state, run_id, [])
+
+    def resume(self, run_id: str) -> RunResult:
+        """Continue `run_id` from its last checkpoint; equals the uninterrupted run."""
+        if self.store is None:
+            raise ValueError("resume needs a run store")
+        found = self.store.last_checkpoint(run_id)
+        if found is None:
+            raise ValueError(f"run {run_id} has no checkpoint to resume from")
+        round_done, path = found
+        state, client_states, _ = load_checkpoint(path)
+        self.store.truncate_after(run_id, round_done)
+        self.store.set_status(run_id, "running")
+        self.transport.restore_client_states(client_states)
+        return self._loop(state, run_id, list(self.store.rounds(run_id)))
+
+    # -- the loop -------------------------------------------------------------------------------
+    def _loop(
+        self, state: ServerState, run_id: str | None, history: list[RoundRecord]
+    ) -> RunResult:
+        result = RunResult(run_id, state, history)
+        try:
+            while state.round < self.settings.rounds:
+                round_result = self._round(state)
+                state = round_result.state
+                record = self._persist(run_id, round_result)
+                history.append(record)
+                result.state = state
+                if self.on_round is not None:
+                    self.on_round(RoundResult(record, state))
+                if self._target_reached(record.metrics):
+                    result.stopped = "target"
+                    break
+        except KeyboardInterrupt:
+            self._set_status(run_id, "interrupted", "interrupted by the user")
+            raise
+        except (RoundFailed, SelectionError) as exc:
+            self._set_status(run_id, "failed", str(exc))
+            raise
+        if self.store is not None and self.run_dir is not None and run_id is not None:
+            result.model_path = self.run_dir / run_id / "model.safetensors"
+            save_model(result.model_path, state.params, {"round": str(state.round)})
+            self.store.set_status(run_id, "finished", model_path=str(result.model_path))
+        return result
+
+    def _round(self, state: ServerState) -> RoundResult:
+        s = self.settings
+        number = state.round + 1
+        start = time.perf_counter()
+        layout = state.params.layout
+        local = self.strategy.local
+        extras: dict[str, Layout] = {name: layout for name in local.extra_names}
+        broadcast = self.strategy.broadcast(state)
+        clients: list[ClientRecord] = []
+        rejections: list[Rejection] = []
+        down = up = selected = 0
+        for attempt in range(s.max_retries + 1):
+            ids = self._available(number)
+            picked = select_clients(
+                ids, s.fraction_fit, s.min_fit_clients, round_rng(s.seed, number, attempt)
+            )
+            selected += len(picked)
+            tasks = [
+                Task(
+                    cid,
+                    TaskKind.FIT,
+                    state.params,
+                    fit=self._fit_config(number, cid),
+                    broadcast=broadcast,
+                )
+                for cid in picked
+            ]
+            mean = StreamingMean(layout, extras)
+            for reply in self.transport.dispatch(tasks, local):
+                down += reply.bytes_down
+                up += reply.bytes_up
+                reason = self._reject_reason(reply, layout, extras)
+                if reason is not None:
+                    rejections.append(Rejection(reply.client_id, reason))
+                    continue
+                assert reply.update is not None
+                mean.add(reply.update)
+                clients.append(self._client_record(reply, "fit"))
+            if mean.num_clients >= s.replies_needed:
+                break
+            clients.clear()
+        else:
+            raise RoundFailed(
+                f"round {number}: {mean.num_clients} valid update(s), {s.replies_needed} needed, "
+                f"after {s.max_retries + 1} attempt(s); last rejections: "
+                + "; ".join(f"{r.client_id}: {r.reason}" for r in rejections[-5:])
+            )
+        aggregate = mean.result()
+        new_state = self.strategy.update(state, aggregate)
+        metrics: Metrics = {
+            f"train_{k}" if not k.startswith("train_") else k: v
+            for k, v in aggregate.metrics.items()
+        }
+        if number % s.evaluate_every == 0 or number == s.rounds:
+            metrics.update(self._evaluate(new_state.params, number, clients, rejections))
+        record = RoundRecord(
+            round=number,
+            metrics=metrics,
+            num_selected=selected,
+            num_accepted=aggregate.num_clients,
+            bytes_down=down + sum(c.bytes_down for c in clients if c.kind == "evaluate"),
+            bytes_up=up + sum(c.bytes_up for c in clients if c.kind == "evaluate"),
+            seconds=time.perf_counter() - start,
+            checkpoint=None,
+            clients=tuple(clients),
+            rejections=tuple(rejections),
+        )
+        return RoundResult(record, new_state)
+
+    def _fit_config(self, number: int, client_id: str) -> FitConfig:
+        s = self.settings
+        return FitConfig(
+            round=number,
+            epochs=s.epochs,
+            batch_size=s.batch_size,
+            learning_rate=s.learning_rate,
+            seed=client_seed(s.seed, number, self._index[client_id]),
+        )
+
+    def _available(self, number: int) -> list[str]:
+        if self.available is None:
+            return self.client_ids
+        allowed = set(self.available(number))
+        return [cid for cid in self.client_ids if cid in allowed]
+
+    @staticmethod
+    def _reject_reason(reply: Reply, layout: Layout, extras: dict[str, Layout]) -> str | None:
+        if reply.failure is not None:
+            return reply.failure.reason
+        if reply.update is None:
+            return "reply carries no update"
+        return check_update(reply.update, layout, extras)
+
+    @staticmethod
+    def _client_record(reply: Reply, kind: str) -> ClientRecord:
+        metrics = reply.update.metrics if reply.update is not None else {}
+        n = reply.update.num_examples if reply.update is not None else 0
+        if reply.evaluation is not None:
+            metrics, n = reply.evaluation.metrics, reply.evaluation.num_examples
+        return ClientRecord(
+            client_id=reply.client_id,
+            kind=kind,
+            num_examples=int(n),
+            metrics={k: float(v) for k, v in metrics.items()},
+            seconds=reply.seconds,
+            bytes_down=reply.bytes_down,
+            bytes_up=reply.bytes_up,
+        )
+
+    def _evaluate(
+        self,
+        params: Params,
+        number: int,
+        clients: list[ClientRecord],
+        rejections: list[Rejection],
+    ) -> Metrics:
+        """Centralized metrics, plus example-weighted federated metrics prefixed `federated_`;
+        failed evaluations are recorded as rejections and left out."""
+        s = self.settings
+        metrics: Metrics = {}
+        if self.evaluate_fn is not None:
+            metrics.update(self.evaluate_fn(params))
+        if s.fraction_evaluate > 0:
+            ids = self._available(number)
+            picked = select_clients(
+                ids, s.fraction_evaluate, s.min_evaluate_clients, round_rng(s.seed, number, 0, 1)
+            )
+            tasks = [
+                Task(cid, TaskKind.EVALUATE, params, evaluate=EvalConfig(number)) for cid in picked
+            ]
+            totals: dict[str, float] = {}
+            examples = 0
+            for reply in self.transport.dispatch(tasks, self.strategy.local):
+                ev = reply.evaluation
+                if ev is None or ev.num_examples <= 0:
+                    why = reply.failure.reason if reply.failure else "no evaluation returned"
+                    rejections.append(Rejection(reply.client_id, f"evaluate: {why}"))
+                    continue
+                clients.append(self._client_record(reply, "evaluate"))
+                examples += ev.num_examples
+                for k, v in ev.metrics.items():
+                    totals[k] = totals.get(k, 0.0) + ev.num_examples * float(v)
+            if examples:
+                metrics.update({f"federated_{k}": v / examples for k, v in totals.items()})
+        return metrics
+
+    def _target_reached(self, metrics: Metrics) -> bool:
+        s = self.settings
+        if s.target_metric is None or s.target_value is None or s.target_metric not in metrics:
+            return False
+        value = metrics[s.target_metric]
+        return value >= s.target_value if s.target_mode == "max" else value <= s.target_value
+
+    def _persist(self, run_id: str | None, result: RoundResult) -> RoundRecord:
+        record = result.record
+        if self.store is None or self.run_dir is None or run_id is None:
+            return record
+        path = checkpoint_path(self.run_dir / run_id, record.round)
+        save_checkpoint(path, result.state, self.transport.client_states())
+        record = replace(record, checkpoint=str(path))
+        self.store.record_round(run_id, record)
+        prune(self.run_dir / run_id, self.settings.keep_checkpoints)
+        return record
+
+    def _set_status(
+        self, run_id: str | None, status: Literal["interrupted", "failed"], message: str
+    ) -> None:
+        if self.store is not None and run_id is not None:
+            self.store.set_status(run_id, status, message=message)

@@ -1,0 +1,349 @@
+"""Simulation on every core: forked worker processes fed through shared memory.
+
+Workers are forked from the process that holds the `ClientPool`, so they inherit every client's
+data and model without any serialization. Per round, the global model (and any broadcast
+vectors) is written once into a shared-memory segment; a task message is a few hundred bytes
+(client id and config). Replies come back in fedloom's wire format, never pickle.
+
+Replies are yielded in task order (a small reorder buffer), so results are bit-identical to
+`InProcessTransport` for the same seed. Tasks are handed out largest client first, each worker
+holding at most two, which balances the round's clients across workers by data size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import multiprocessing as mp
+import os
+import struct
+import sys
+import typing
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict
+from multiprocessing import resource_tracker
+from multiprocessing.connection import Connection, wait
+from multiprocessing.shared_memory import SharedMemory
+from typing import Any
+
+from fedloom.algorithms.base import ClientState, LocalAlgorithm
+from fedloom.core.params import Params
+from fedloom.core.types import (
+    EvalConfig,
+    Evaluation,
+    Failure,
+    FitConfig,
+    Reply,
+    Task,
+    TaskKind,
+    Update,
+)
+from fedloom.core.wire import decode, encode
+from fedloom.runtime.client import ClientPool
+
+_LEN = struct.Struct("<I")
+
+
+def pack(header: dict[str, Any], blobs: Sequence[bytes]) -> bytes:
+    """Frame a JSON header and binary blobs: u32 header length, header, blobs back to back."""
+    header = {**header, "_blobs": [len(b) for b in blobs]}
+    head = json.dumps(header, separators=(",", ":")).encode()
+    return b"".join([_LEN.pack(len(head)), head, *blobs])
+
+
+def unpack(message: bytes) -> tuple[dict[str, Any], list[memoryview]]:
+    """Inverse of `pack`."""
+    view = memoryview(message)
+    (hlen,) = _LEN.unpack_from(view, 0)
+    header: dict[str, Any] = json.loads(bytes(view[4 : 4 + hlen]))
+    blobs, offset = [], 4 + hlen
+    for size in header.pop("_blobs"):
+        blobs.append(view[offset : offset + size])
+        offset += size
+    return header, blobs
+
+
+def _encode_named(named: dict[str, Params]) -> tuple[list[str], list[bytes]]:
+    return list(named), [encode(p) for p in named.values()]
+
+
+def _decode_named(names: list[str], blobs: Sequence[memoryview]) -> dict[str, Params]:
+    return {name: decode(blob)[0] for name, blob in zip(names, blobs, strict=True)}
+
+
+class _Payloads:
+    """Round payloads (params + broadcast) in one growing shared-memory segment."""
+
+    def __init__(self) -> None:
+        self.shm: SharedMemory | None = None
+        self.used = 0
+        self.generation = 0
+
+    def reset(self) -> None:
+        self.used = 0
+        self.generation += 1
+
+    def put(self, blob: bytes) -> tuple[str, int, int, int]:
+        end = self.used + len(blob)
+        if self.shm is None or end > self.shm.size:
+            raise _Grow(max(end, 2 * (self.shm.size if self.shm else 0), 1 << 20))
+        buf = self.shm.buf
+        assert buf is not None
+        buf[self.used : end] = blob
+        start, self.used = self.used, end
+        return self.shm.name, start, len(blob), self.generation
+
+    def grow(self, size: int) -> None:
+        self.close()
+        self.shm = SharedMemory(create=True, size=size)
+        self.used = 0
+
+    def close(self) -> None:
+        if self.shm is not None:
+            self.shm.close()
+            self.shm.unlink()
+            self.shm = None
+
+
+class _Grow(Exception):
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+
+def _attach(name: str) -> SharedMemory:
+    """Attach to the parent's segment without letting this process's tracker unlink it."""
+    shm = SharedMemory(name=name)
+    resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
+    return shm
+
+
+def _worker(conn: Connection, pool: ClientPool, local: LocalAlgorithm) -> None:
+    """Worker loop: one task message in, one reply message out, until told to stop."""
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
+    attached: dict[str, SharedMemory] = {}
+    cache: dict[tuple[str, int, int, int], Params] = {}
+    while True:
+        try:
+            message = conn.recv_bytes()
+        except EOFError:
+            return
+        if not message:
+            return
+        head, blobs = unpack(message)
+        name, start, size, generation = head["params"]
+        key = (name, start, size, generation)
+        if key not in cache:
+            if name not in attached:
+                for old in attached.values():
+                    old.close()
+                attached = {name: _attach(name)}
+                cache.clear()
+            buf = attached[name].buf
+            assert buf is not None
+            cache[key] = decode(buf[start : start + size])[0]
+        n_state = len(head["state"])
+        state = _decode_named(head["state"], blobs[:n_state])
+        broadcast = _decode_named(head["broadcast"], blobs[n_state:])
+        kind = TaskKind(head["kind"])
+        task = Task(
+            head["client"],
+            kind,
+            cache[key],
+            fit=FitConfig(**head["fit"]) if kind is TaskKind.FIT else None,
+            evaluate=EvalConfig(**head["eval"]) if kind is TaskKind.EVALUATE else None,
+            broadcast=broadcast,
+        )
+        pool.states[task.client_id] = state
+        reply = pool.run(task, local)
+        conn.send_bytes(_reply_message(head["i"], reply, pool.states.pop(task.client_id, {})))
+
+
+def _reply_message(index: int, reply: Reply, state: ClientState) -> bytes:
+    head: dict[str, Any] = {
+        "i": index,
+        "client": reply.client_id,
+        "down": reply.bytes_down,
+        "up": reply.bytes_up,
+        "seconds": reply.seconds,
+    }
+    state_names, state_blobs = _encode_named(state)
+    head["state"] = state_names
+    blobs = list(state_blobs)
+    if reply.failure is not None:
+        head["failure"] = reply.failure.reason
+    elif reply.evaluation is not None:
+        head["evaluation"] = asdict(reply.evaluation)
+    elif reply.update is not None:
+        u = reply.update
+        try:
+            extra_names, extra_blobs = _encode_named(u.extras)
+            head["update"] = {
+                "num_examples": int(u.num_examples),
+                "num_steps": int(u.num_steps),
+                "metrics": {k: float(v) for k, v in u.metrics.items()},
+                "extras": extra_names,
+            }
+            blobs += [encode(u.delta), *extra_blobs]
+        except Exception as exc:  # an update that cannot even be encoded is rejected
+            head.pop("update", None)
+            head["failure"] = f"update could not be encoded: {type(exc).__name__}: {exc}"
+            blobs = list(state_blobs)
+    return pack(head, blobs)
+
+
+def _parse_reply(message: bytes) -> tuple[int, Reply, ClientState]:
+    head, blobs = unpack(message)
+    n_state = len(head["state"])
+    state = _decode_named(head["state"], blobs[:n_state])
+    common = {
+        "bytes_down": head["down"],
+        "bytes_up": head["up"],
+        "seconds": head["seconds"],
+    }
+    cid = head["client"]
+    if "failure" in head:
+        return head["i"], Reply(cid, failure=Failure(cid, head["failure"]), **common), state
+    if "evaluation" in head:
+        return head["i"], Reply(cid, evaluation=Evaluation(**head["evaluation"]), **common), state
+    u = head["update"]
+    delta = decode(blobs[n_state])[0]
+    extras = _decode_named(u["extras"], blobs[n_state + 1 :])
+    update = Update(delta, u["num_examples"], u["num_steps"], u["metrics"], extras)
+    return head["i"], Reply(cid, update=update, **common), state
+
+
+def _lost(task: Task, why: str) -> Reply:
+    return Reply(task.client_id, failure=Failure(task.client_id, why))
+
+
+class ProcessTransport:
+    """Runs tasks in `workers` forked processes (0 = one per core). Linux/macOS only (fork)."""
+
+    def __init__(self, pool: ClientPool, workers: int = 0) -> None:
+        self.pool = pool
+        self.workers = workers or os.cpu_count() or 1
+        self._procs: list[tuple[Any, Connection]] = []
+        self._local: LocalAlgorithm | None = None
+        self._payloads = _Payloads()
+
+    def _start(self, local: LocalAlgorithm) -> None:
+        self.close()
+        ctx = mp.get_context("fork")
+        for _ in range(self.workers):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_worker, args=(child, self.pool, local), daemon=True)
+            proc.start()
+            child.close()
+            self._procs.append((proc, parent))
+        self._local = local
+
+    def _publish(self, tasks: Sequence[Task]) -> dict[int, tuple[str, int, int, int]]:
+        """Write each distinct params object once; return task index -> segment location."""
+        while True:
+            try:
+                self._payloads.reset()
+                seen: dict[int, tuple[str, int, int, int]] = {}
+                where: dict[int, tuple[str, int, int, int]] = {}
+                for i, task in enumerate(tasks):
+                    if id(task.params) not in seen:
+                        seen[id(task.params)] = self._payloads.put(encode(task.params))
+                    where[i] = seen[id(task.params)]
+                return where
+            except _Grow as grow:
+                self._payloads.grow(grow.size)
+
+    def dispatch(self, tasks: Sequence[Task], local: LocalAlgorithm) -> Iterator[Reply]:
+        """Yield one reply per task, in task order."""
+        if not tasks:
+            return
+        if not self._procs or self._local != local:
+            self._start(local)
+        where = self._publish(tasks)
+        order = sorted(range(len(tasks)), key=lambda i: -self._size(tasks[i].client_id))
+        pending = iter(order)
+        busy: dict[Connection, list[int]] = {conn: [] for _, conn in self._procs}
+        done: dict[int, Reply] = {}
+        next_out = 0
+        for conn in busy:
+            for _ in range(2):
+                self._send(conn, busy, pending, tasks, where)
+        while next_out < len(tasks):
+            active = [c for c, queue in busy.items() if queue]
+            if not active:  # every worker died: the rest fail
+                for index in pending:
+                    done[index] = _lost(tasks[index], "no simulation worker left")
+            for conn in typing.cast(list[Connection], wait(active) if active else []):
+                try:
+                    index, reply, state = _parse_reply(conn.recv_bytes())
+                except (EOFError, OSError):
+                    for index in busy.pop(conn):
+                        done[index] = _lost(tasks[index], "its worker process died")
+                    self._local = None  # restart the workers at the next dispatch
+                    continue
+                busy[conn].remove(index)
+                self.pool.states[reply.client_id] = state
+                done[index] = reply
+                self._send(conn, busy, pending, tasks, where)
+            while next_out in done:
+                yield done.pop(next_out)
+                next_out += 1
+
+    def _size(self, client_id: str) -> int:
+        trainer = self.pool.trainers.get(client_id)
+        return int(getattr(trainer, "num_train_examples", 0) or 0)
+
+    def _send(
+        self,
+        conn: Connection,
+        busy: dict[Connection, list[int]],
+        pending: Iterator[int],
+        tasks: Sequence[Task],
+        where: dict[int, tuple[str, int, int, int]],
+    ) -> None:
+        index = next(pending, None)
+        if index is None:
+            return
+        task = tasks[index]
+        state = self.pool.states.get(task.client_id, {})
+        state_names, state_blobs = _encode_named(state)
+        b_names, b_blobs = _encode_named(task.broadcast)
+        fit = None
+        if task.fit is not None:
+            fit = {k: v for k, v in asdict(task.fit).items() if k != "gradient_correction"}
+        head = {
+            "i": index,
+            "client": task.client_id,
+            "kind": task.kind.value,
+            "params": where[index],
+            "fit": fit,
+            "eval": asdict(task.evaluate) if task.evaluate is not None else None,
+            "state": state_names,
+            "broadcast": b_names,
+        }
+        conn.send_bytes(pack(head, [*state_blobs, *b_blobs]))
+        busy[conn].append(index)
+
+    def client_states(self) -> dict[str, ClientState]:
+        """Client-half states, kept in this process between rounds."""
+        return self.pool.states
+
+    def restore_client_states(self, states: dict[str, ClientState]) -> None:
+        """Replace the states (workers receive them with each task)."""
+        self.pool.states = dict(states)
+
+    def close(self) -> None:
+        """Stop the workers and free the shared memory. Idempotent."""
+        for proc, conn in self._procs:
+            with contextlib.suppress(OSError):
+                conn.send_bytes(b"")
+            conn.close()
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.kill()
+        self._procs = []
+        self._payloads.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
