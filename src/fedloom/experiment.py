@@ -203,6 +203,7 @@ def run_experiment(
     """Run (or resume) `config`, recording into `store_path`; print progress and the table."""
     from fedloom.report import Progress, human_bytes, rounds_table
 
+    store_path = store_path.resolve()  # checkpoints and models are recorded by absolute path
     clients = load_clients(config.data, config.federation.seed)
     if config.model.kind in ("logistic", "sklearn_sgd"):
         clients = standardize(clients)
@@ -241,7 +242,8 @@ def run_experiment(
     final = history[-1].metrics if history else {}
     accuracy = f"{final['accuracy']:.4f}" if "accuracy" in final else "n/a"
     print(
-        f"run {result.run_id}: {len(history)} rounds ({result.stopped}), test accuracy {accuracy}, "
+        f"run {result.run_id}: {len(history)} rounds (stopped: {result.stopped}), "
+        f"test accuracy {accuracy}, "
         f"sent {human_bytes(sent)}, received {human_bytes(received)}; model: {result.model_path}"
     )
     sys.stdout.flush()
