@@ -21,11 +21,20 @@ def test_mnist_2nn_iid_reaches_97_percent() -> None:
     }
     server = TorchTrainer(model, (test.x, test.y), (test.x, test.y))
     settings = Settings(
-        rounds=150, fraction_fit=0.1, epochs=1, batch_size=10, learning_rate=0.1, seed=0,
-        target_metric="accuracy", target_value=0.97,
+        rounds=150,
+        fraction_fit=0.1,
+        epochs=1,
+        batch_size=10,
+        learning_rate=0.1,
+        seed=0,
+        target_metric="accuracy",
+        target_value=0.97,
     )
     with Federation.simulation(
-        FedAvg(), clients, settings, workers=2,
+        FedAvg(),
+        clients,
+        settings,
+        workers=2,
         evaluate_fn=lambda p: server.evaluate(p, EvalConfig(0)).metrics,
     ) as federation:
         result = federation.run(server.initial_params())
