@@ -33,6 +33,21 @@ class RoundFailed(RuntimeError):
     """A round could not gather enough valid updates, even after its retries."""
 
 
+@dataclass
+class _Tally:
+    """What a round has seen so far: accepted clients, rejections, selections and traffic."""
+
+    clients: list[ClientRecord] = field(default_factory=list)
+    rejections: list[Rejection] = field(default_factory=list)
+    selected: int = 0
+    down: int = 0
+    up: int = 0
+
+    def traffic(self, reply: Reply) -> None:
+        self.down += reply.bytes_down
+        self.up += reply.bytes_up
+
+
 @dataclass(frozen=True)
 class Settings:
     """How a federation runs: rounds, sampling, local training, evaluation and stopping.
@@ -253,70 +268,64 @@ class Federation:
         s = self.settings
         number = state.round + 1
         start = time.perf_counter()
-        layout = state.params.layout
-        local = self.strategy.local
-        extras: dict[str, Layout] = {name: layout for name in local.extra_names}
-        broadcast = self.strategy.broadcast(state)
-        clients: list[ClientRecord] = []
-        rejections: list[Rejection] = []
-        down = up = selected = 0
+        tally = _Tally()
         for attempt in range(s.max_retries + 1):
-            ids = self._available(number)
-            picked = select_clients(
-                ids, s.fraction_fit, s.min_fit_clients, round_rng(s.seed, number, attempt)
-            )
-            selected += len(picked)
-            tasks = [
-                Task(
-                    cid,
-                    TaskKind.FIT,
-                    state.params,
-                    fit=self._fit_config(number, cid),
-                    broadcast=broadcast,
-                )
-                for cid in picked
-            ]
-            mean = StreamingMean(layout, extras)
-            for reply in self.transport.dispatch(tasks, local):
-                down += reply.bytes_down
-                up += reply.bytes_up
-                reason = self._reject_reason(reply, layout, extras)
-                if reason is not None:
-                    rejections.append(Rejection(reply.client_id, reason))
-                    continue
-                assert reply.update is not None
-                mean.add(reply.update)
-                clients.append(self._client_record(reply, "fit"))
+            mean = self._fit(state, number, attempt, tally)
             if mean.num_clients >= s.replies_needed:
                 break
-            clients.clear()
+            tally.clients.clear()  # the attempt's updates are discarded with it
         else:
             raise RoundFailed(
                 f"round {number}: {mean.num_clients} valid update(s), {s.replies_needed} needed, "
                 f"after {s.max_retries + 1} attempt(s); last rejections: "
-                + "; ".join(f"{r.client_id}: {r.reason}" for r in rejections[-5:])
+                + "; ".join(f"{r.client_id}: {r.reason}" for r in tally.rejections[-5:])
             )
         aggregate = mean.result()
         new_state = self.strategy.update(state, aggregate)
         metrics: Metrics = {
-            f"train_{k}" if not k.startswith("train_") else k: v
-            for k, v in aggregate.metrics.items()
+            k if k.startswith("train_") else f"train_{k}": v for k, v in aggregate.metrics.items()
         }
         if number % s.evaluate_every == 0 or number == s.rounds:
-            metrics.update(self._evaluate(new_state.params, number, clients, rejections))
+            metrics.update(self._evaluate(new_state.params, number, tally))
         record = RoundRecord(
             round=number,
             metrics=metrics,
-            num_selected=selected,
+            num_selected=tally.selected,
             num_accepted=aggregate.num_clients,
-            bytes_down=down + sum(c.bytes_down for c in clients if c.kind == "evaluate"),
-            bytes_up=up + sum(c.bytes_up for c in clients if c.kind == "evaluate"),
+            bytes_down=tally.down,
+            bytes_up=tally.up,
             seconds=time.perf_counter() - start,
             checkpoint=None,
-            clients=tuple(clients),
-            rejections=tuple(rejections),
+            clients=tuple(tally.clients),
+            rejections=tuple(tally.rejections),
         )
         return RoundResult(record, new_state)
+
+    def _fit(self, state: ServerState, number: int, attempt: int, tally: _Tally) -> StreamingMean:
+        """One attempt at a round's training: select, dispatch, validate, aggregate."""
+        s = self.settings
+        layout = state.params.layout
+        local = self.strategy.local
+        extras: dict[str, Layout] = {name: layout for name in local.extra_names}
+        broadcast = self.strategy.broadcast(state)
+        rng = round_rng(s.seed, number, attempt)
+        picked = select_clients(self._available(number), s.fraction_fit, s.min_fit_clients, rng)
+        tally.selected += len(picked)
+        tasks = [
+            Task(cid, TaskKind.FIT, state.params, self._fit_config(number, cid), None, broadcast)
+            for cid in picked
+        ]
+        mean = StreamingMean(layout, extras)
+        for reply in self.transport.dispatch(tasks, local):
+            tally.traffic(reply)
+            reason = self._reject_reason(reply, layout, extras)
+            if reason is not None:
+                tally.rejections.append(Rejection(reply.client_id, reason))
+                continue
+            assert reply.update is not None
+            mean.add(reply.update)
+            tally.clients.append(self._client_record(reply, "fit"))
+        return mean
 
     def _fit_config(self, number: int, client_id: str) -> FitConfig:
         s = self.settings
@@ -358,41 +367,37 @@ class Federation:
             bytes_up=reply.bytes_up,
         )
 
-    def _evaluate(
-        self,
-        params: Params,
-        number: int,
-        clients: list[ClientRecord],
-        rejections: list[Rejection],
-    ) -> Metrics:
+    def _evaluate(self, params: Params, number: int, tally: _Tally) -> Metrics:
         """Centralized metrics, plus example-weighted federated metrics prefixed `federated_`;
         failed evaluations are recorded as rejections and left out."""
         s = self.settings
         metrics: Metrics = {}
         if self.evaluate_fn is not None:
             metrics.update(self.evaluate_fn(params))
-        if s.fraction_evaluate > 0:
-            ids = self._available(number)
-            picked = select_clients(
-                ids, s.fraction_evaluate, s.min_evaluate_clients, round_rng(s.seed, number, 0, 1)
-            )
-            tasks = [
-                Task(cid, TaskKind.EVALUATE, params, evaluate=EvalConfig(number)) for cid in picked
-            ]
-            totals: dict[str, float] = {}
-            examples = 0
-            for reply in self.transport.dispatch(tasks, self.strategy.local):
-                ev = reply.evaluation
-                if ev is None or ev.num_examples <= 0:
-                    why = reply.failure.reason if reply.failure else "no evaluation returned"
-                    rejections.append(Rejection(reply.client_id, f"evaluate: {why}"))
-                    continue
-                clients.append(self._client_record(reply, "evaluate"))
-                examples += ev.num_examples
-                for k, v in ev.metrics.items():
-                    totals[k] = totals.get(k, 0.0) + ev.num_examples * float(v)
-            if examples:
-                metrics.update({f"federated_{k}": v / examples for k, v in totals.items()})
+        if s.fraction_evaluate == 0:
+            return metrics
+        rng = round_rng(s.seed, number, 0, 1)
+        picked = select_clients(
+            self._available(number), s.fraction_evaluate, s.min_evaluate_clients, rng
+        )
+        tasks = [
+            Task(cid, TaskKind.EVALUATE, params, evaluate=EvalConfig(number)) for cid in picked
+        ]
+        totals: dict[str, float] = {}
+        examples = 0
+        for reply in self.transport.dispatch(tasks, self.strategy.local):
+            tally.traffic(reply)
+            ev = reply.evaluation
+            if ev is None or ev.num_examples <= 0:
+                why = reply.failure.reason if reply.failure else "no evaluation returned"
+                tally.rejections.append(Rejection(reply.client_id, f"evaluate: {why}"))
+                continue
+            tally.clients.append(self._client_record(reply, "evaluate"))
+            examples += ev.num_examples
+            for k, v in ev.metrics.items():
+                totals[k] = totals.get(k, 0.0) + ev.num_examples * float(v)
+        if examples:
+            metrics.update({f"federated_{k}": v / examples for k, v in totals.items()})
         return metrics
 
     def _target_reached(self, metrics: Metrics) -> bool:

@@ -19,9 +19,9 @@ import os
 import struct
 import sys
 import typing
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict
-from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection, wait
 from multiprocessing.shared_memory import SharedMemory
 from typing import Any
@@ -111,10 +111,9 @@ class _Grow(Exception):
 
 
 def _attach(name: str) -> SharedMemory:
-    """Attach to the parent's segment without letting this process's tracker unlink it."""
-    shm = SharedMemory(name=name)
-    resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
-    return shm
+    """Attach to the parent's segment. Forked workers share the parent's resource tracker, so
+    the segment stays registered once and is unlinked by the parent alone."""
+    return SharedMemory(name=name)
 
 
 def _worker(conn: Connection, pool: ClientPool, local: LocalAlgorithm) -> None:
@@ -254,37 +253,52 @@ class ProcessTransport:
                 self._payloads.grow(grow.size)
 
     def dispatch(self, tasks: Sequence[Task], local: LocalAlgorithm) -> Iterator[Reply]:
-        """Yield one reply per task, in task order."""
+        """Yield one reply per task, in task order.
+
+        A worker that dies fails the tasks it held (recorded as failures, the round goes on);
+        the workers are restarted at the next dispatch.
+        """
         if not tasks:
             return
         if not self._procs or self._local != local:
             self._start(local)
         where = self._publish(tasks)
-        order = sorted(range(len(tasks)), key=lambda i: -self._size(tasks[i].client_id))
-        pending = iter(order)
+        pending = deque(sorted(range(len(tasks)), key=lambda i: -self._size(tasks[i].client_id)))
         busy: dict[Connection, list[int]] = {conn: [] for _, conn in self._procs}
         done: dict[int, Reply] = {}
+
+        def lose(conn: Connection) -> None:
+            for index in busy.pop(conn):
+                done[index] = _lost(tasks[index], "its worker process died")
+            self._local = None  # restart the workers at the next dispatch
+
+        def feed(conn: Connection) -> None:
+            if pending and not self._send(conn, pending[0], tasks[pending[0]], where):
+                lose(conn)
+            elif pending:
+                busy[conn].append(pending.popleft())
+
+        for conn in list(busy):
+            feed(conn)
+            if conn in busy:
+                feed(conn)
         next_out = 0
-        for conn in busy:
-            for _ in range(2):
-                self._send(conn, busy, pending, tasks, where)
         while next_out < len(tasks):
             active = [c for c, queue in busy.items() if queue]
             if not active:  # every worker died: the rest fail
-                for index in pending:
+                while pending:
+                    index = pending.popleft()
                     done[index] = _lost(tasks[index], "no simulation worker left")
             for conn in typing.cast(list[Connection], wait(active) if active else []):
                 try:
                     index, reply, state = _parse_reply(conn.recv_bytes())
                 except (EOFError, OSError):
-                    for index in busy.pop(conn):
-                        done[index] = _lost(tasks[index], "its worker process died")
-                    self._local = None  # restart the workers at the next dispatch
+                    lose(conn)
                     continue
                 busy[conn].remove(index)
                 self.pool.states[reply.client_id] = state
                 done[index] = reply
-                self._send(conn, busy, pending, tasks, where)
+                feed(conn)
             while next_out in done:
                 yield done.pop(next_out)
                 next_out += 1
@@ -294,19 +308,10 @@ class ProcessTransport:
         return int(getattr(trainer, "num_train_examples", 0) or 0)
 
     def _send(
-        self,
-        conn: Connection,
-        busy: dict[Connection, list[int]],
-        pending: Iterator[int],
-        tasks: Sequence[Task],
-        where: dict[int, tuple[str, int, int, int]],
-    ) -> None:
-        index = next(pending, None)
-        if index is None:
-            return
-        task = tasks[index]
-        state = self.pool.states.get(task.client_id, {})
-        state_names, state_blobs = _encode_named(state)
+        self, conn: Connection, index: int, task: Task, where: dict[int, tuple[str, int, int, int]]
+    ) -> bool:
+        """Send one task; False if the worker is gone."""
+        state_names, state_blobs = _encode_named(self.pool.states.get(task.client_id, {}))
         b_names, b_blobs = _encode_named(task.broadcast)
         fit = None
         if task.fit is not None:
@@ -321,8 +326,11 @@ class ProcessTransport:
             "state": state_names,
             "broadcast": b_names,
         }
-        conn.send_bytes(pack(head, [*state_blobs, *b_blobs]))
-        busy[conn].append(index)
+        try:
+            conn.send_bytes(pack(head, [*state_blobs, *b_blobs]))
+        except OSError:
+            return False
+        return True
 
     def client_states(self) -> dict[str, ClientState]:
         """Client-half states, kept in this process between rounds."""
