@@ -22,6 +22,7 @@ import typing
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict
+from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection, wait
 from multiprocessing.shared_memory import SharedMemory
 from typing import Any
@@ -228,6 +229,7 @@ class ProcessTransport:
 
     def _start(self, local: LocalAlgorithm) -> None:
         self.close()
+        resource_tracker.ensure_running()  # before forking, so the workers share it
         ctx = mp.get_context("fork")
         for _ in range(self.workers):
             parent, child = ctx.Pipe()
