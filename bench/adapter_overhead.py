@@ -4,7 +4,7 @@ Each round of the measurement runs one local update per client, rotating over ma
 share ONE module (as a simulation does), and times:
 
 - `fedloom`: `TorchTrainer.fit(params, FitConfig(...))`, the full adapter call;
-- `plain`: a tight hand-written loop: load the global vector with `vector_to_parameters`,
+- `plain`: a tight hand-written loop: copy the global vector into the parameters,
   shuffle with `torch.randperm`, per batch `x[idx]`, forward, backward, `p.add_(p.grad, -lr)`,
   `p.grad = None`; delta as `parameters_to_vector(model) - global`;
 - `optim`: the same loop written the usual way, with a fresh `torch.optim.SGD` per client.
@@ -29,7 +29,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.nn.utils import parameters_to_vector, vector_to_parameters
+from torch.nn.utils import parameters_to_vector
 
 from fedloom.adapters.torch_trainer import TorchTrainer
 from fedloom.core.types import FitConfig
@@ -47,6 +47,16 @@ def make_model(hidden: list[int]) -> nn.Module:
     return nn.Sequential(*layers)
 
 
+def load_copy(global_vec: torch.Tensor, params: list[torch.Tensor]) -> None:
+    """Copy `global_vec` into `params` (`vector_to_parameters` would alias the vector)."""
+    offset = 0
+    with torch.no_grad():
+        for p in params:
+            n = p.numel()
+            p.copy_(global_vec[offset : offset + n].view_as(p))
+            offset += n
+
+
 def plain_fit(
     model: nn.Module,
     global_vec: torch.Tensor,
@@ -57,7 +67,7 @@ def plain_fit(
 ) -> torch.Tensor:
     """Tight hand-written client update; returns the delta vector."""
     params = list(model.parameters())
-    vector_to_parameters(global_vec, params)
+    load_copy(global_vec, params)
     model.train()
     gen = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(x), generator=gen)
@@ -82,7 +92,7 @@ def optim_fit(
 ) -> torch.Tensor:
     """The usual way: a fresh `torch.optim.SGD` per client."""
     params = list(model.parameters())
-    vector_to_parameters(global_vec, params)
+    load_copy(global_vec, params)
     model.train()
     opt = torch.optim.SGD(params, lr=LR)
     gen = torch.Generator().manual_seed(seed)
