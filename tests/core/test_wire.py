@@ -50,3 +50,11 @@ def test_decoding_never_unpickles() -> None:
 
     with pytest.raises(WireError):
         decode(pickle.dumps({"w": np.zeros(3)}))
+
+
+def test_decode_without_copy_is_a_read_only_view() -> None:
+    blob = encode(sample())
+    q, _ = decode(blob, copy=False)
+    assert not q.flat.flags.writeable
+    assert q.flat.tobytes() == sample().flat.tobytes()
+    assert decode(blob)[0].flat.flags.writeable

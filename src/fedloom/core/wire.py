@@ -59,9 +59,13 @@ def encode(params: Params, meta: dict[str, Any] | None = None) -> bytes:
     return b"".join((_HEAD.pack(MAGIC, len(header)), header, body))
 
 
-def decode(payload: bytes | bytearray | memoryview) -> tuple[Params, dict[str, Any]]:
-    """Parse bytes produced by `encode`; returns the params (own buffer) and the meta dict.
+def decode(
+    payload: bytes | bytearray | memoryview, *, copy: bool = True
+) -> tuple[Params, dict[str, Any]]:
+    """Parse bytes produced by `encode`; returns the params and the meta dict.
 
+    With `copy=True` the params own their buffer. With `copy=False` (little-endian hosts) they
+    are a read-only view of `payload`, which must then outlive them and stay unchanged.
     Raises `WireError` naming the first problem found: bad magic, truncated header, malformed
     JSON, unsupported dtype, or a buffer whose size does not match the declared tensors.
     """
@@ -75,26 +79,37 @@ def decode(payload: bytes | bytearray | memoryview) -> tuple[Params, dict[str, A
         raise WireError(f"bad magic {bytes(magic)!r}, expected {MAGIC!r}")
     if hlen > MAX_HEADER_BYTES or _HEAD.size + hlen > len(view):
         raise WireError(f"header length {hlen} exceeds the payload")
+    layout, wire_dtype, meta = _parse_header(bytes(view[_HEAD.size : _HEAD.size + hlen]))
+    body = view[_HEAD.size + hlen :]
+    expected = layout.size * wire_dtype.itemsize
+    if len(body) != expected:
+        raise WireError(f"buffer holds {len(body)} bytes, tensors declare {expected}")
+    flat = np.frombuffer(body, dtype=wire_dtype)
+    if copy or wire_dtype != layout.dtype:
+        flat = flat.astype(layout.dtype, copy=True)
+    return Params(layout, flat), dict(meta)
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_header(header: bytes) -> tuple[Layout, np.dtype[Any], dict[str, Any]]:
+    """Layout, wire dtype and meta of a header (cached: a round repeats the same headers).
+
+    Callers must copy the meta dict before handing it out.
+    """
     try:
-        header = json.loads(bytes(view[_HEAD.size : _HEAD.size + hlen]))
-        dtype = np.dtype(header["dtype"])
+        parsed = json.loads(header)
+        dtype = np.dtype(parsed["dtype"])
         specs = tuple(
-            TensorSpec(str(name), tuple(int(d) for d in shape)) for name, shape in header["tensors"]
+            TensorSpec(str(name), tuple(int(d) for d in shape)) for name, shape in parsed["tensors"]
         )
-        meta = header.get("meta", {})
+        meta = parsed.get("meta", {})
     except (ValueError, KeyError, TypeError) as exc:
         raise WireError(f"malformed header: {exc}") from exc
     if not isinstance(meta, dict):
         raise WireError("header field 'meta' is not an object")
-    if dtype.newbyteorder("=") not in SUPPORTED_DTYPES:
+    native = dtype.newbyteorder("=")
+    if native not in SUPPORTED_DTYPES:
         raise WireError(f"unsupported dtype {dtype}")
     if any(d < 0 for s in specs for d in s.shape):
         raise WireError("negative dimension in tensor shapes")
-    native = dtype.newbyteorder("=")
-    layout = Layout(specs, native)
-    body = view[_HEAD.size + hlen :]
-    expected = layout.size * dtype.itemsize
-    if len(body) != expected:
-        raise WireError(f"buffer holds {len(body)} bytes, tensors declare {expected}")
-    flat = np.frombuffer(body, dtype=dtype).astype(native, copy=True)
-    return Params(layout, flat), meta
+    return Layout(specs, native), dtype, meta

@@ -207,7 +207,7 @@ def _parse_reply(message: bytes) -> tuple[int, Reply, ClientState]:
     if "evaluation" in head:
         return head["i"], Reply(cid, evaluation=Evaluation(**head["evaluation"]), **common), state
     u = head["update"]
-    delta = decode(blobs[n_state])[0]
+    delta = decode(blobs[n_state], copy=False)[0]  # read-only view of the message, no copy
     extras = _decode_named(u["extras"], blobs[n_state + 1 :])
     update = Update(delta, u["num_examples"], u["num_steps"], u["metrics"], extras)
     return head["i"], Reply(cid, update=update, **common), state
@@ -316,8 +316,16 @@ class ProcessTransport:
         state_names, state_blobs = _encode_named(self.pool.states.get(task.client_id, {}))
         b_names, b_blobs = _encode_named(task.broadcast)
         fit = None
-        if task.fit is not None:
-            fit = {k: v for k, v in asdict(task.fit).items() if k != "gradient_correction"}
+        if task.fit is not None:  # gradient_correction is set by the client half, not sent
+            f = task.fit
+            fit = {
+                "round": f.round,
+                "epochs": f.epochs,
+                "batch_size": f.batch_size,
+                "learning_rate": f.learning_rate,
+                "seed": f.seed,
+                "proximal_mu": f.proximal_mu,
+            }
         head = {
             "i": index,
             "client": task.client_id,
