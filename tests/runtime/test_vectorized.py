@@ -1,0 +1,114 @@
+"""VectorizedTransport against the sequential reference (InProcessTransport)."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fedloom import FedAvg, Federation, FedProx, Settings
+from fedloom.adapters.torch_trainer import TorchTrainer
+from fedloom.algorithms.base import PlainLocal
+from fedloom.core.params import Params
+from fedloom.core.types import EvalConfig, FitConfig, Task, TaskKind
+from fedloom.runtime.client import ClientPool
+from fedloom.runtime.transport import InProcessTransport, Transport
+from fedloom.runtime.vectorized import VectorizedTransport
+
+# Unequal client sizes; with B=4 most have a short last batch and different batch counts.
+SIZES = (5, 9, 12, 3, 17, 8, 10)
+
+
+def _trainers(model: nn.Module, sizes: tuple[int, ...] = SIZES) -> dict[str, TorchTrainer]:
+    gen = torch.Generator().manual_seed(1)
+    out = {}
+    for i, n in enumerate(sizes):
+        x = torch.randn(n, 6, generator=gen)
+        y = torch.randint(0, 3, (n,), generator=gen)
+        out[f"c{i}"] = TorchTrainer(model, (x, y), (x, y))
+    return out
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def _final(
+    transport: Transport, trainers: dict[str, TorchTrainer], strategy: object, init: Params
+) -> Params:
+    """The global model after 3 rounds from `init`."""
+    settings = Settings(
+        rounds=3, fraction_fit=0.75, epochs=2, batch_size=4, learning_rate=0.3, seed=3
+    )
+    with Federation(strategy, transport, list(trainers), settings) as fed:  # type: ignore[arg-type]
+        return fed.run(init).state.params
+
+
+@pytest.mark.parametrize("strategy", [FedAvg(), FedProx(mu=0.5)], ids=["fedavg", "fedprox"])
+def test_same_params_as_sequential(strategy: object) -> None:
+    trainers = _trainers(_mlp())
+    init = trainers["c0"].initial_params()  # before training: the module holds the last load
+    seq = _final(InProcessTransport(ClientPool(trainers)), trainers, strategy, init)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback allowed here
+        vec = _final(
+            VectorizedTransport(ClientPool(trainers), chunk_size=3), trainers, strategy, init
+        )
+    assert np.abs(seq.flat - init.flat).max() > 1e-2  # training moved the model
+    np.testing.assert_allclose(vec.flat, seq.flat, atol=1e-5)
+
+
+def test_replies_match_fit_in_task_order() -> None:
+    trainers = _trainers(_mlp())
+    init = next(iter(trainers.values())).initial_params()
+    tasks = [
+        Task(
+            cid, TaskKind.FIT, init, FitConfig(0, epochs=2, batch_size=4, learning_rate=0.2, seed=i)
+        )
+        for i, cid in enumerate(trainers)
+    ]
+    tasks.insert(2, Task("c1", TaskKind.EVALUATE, init, evaluate=EvalConfig(0)))
+    replies = list(
+        VectorizedTransport(ClientPool(trainers), chunk_size=4).dispatch(tasks, PlainLocal())
+    )
+    assert [r.client_id for r in replies] == [t.client_id for t in tasks]
+    assert replies[2].evaluation is not None
+    for task, reply in zip(tasks, replies, strict=True):
+        if task.kind is not TaskKind.FIT:
+            continue
+        assert task.fit is not None and reply.update is not None
+        want = trainers[task.client_id].fit(init, task.fit)
+        got = reply.update
+        assert (got.num_examples, got.num_steps) == (want.num_examples, want.num_steps)
+        np.testing.assert_allclose(got.delta.flat, want.delta.flat, atol=1e-6)
+        assert got.metrics["train_loss"] == pytest.approx(want.metrics["train_loss"], rel=1e-5)
+
+
+def test_unsupported_model_warns_and_falls_back() -> None:
+    def bn_model() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
+
+    trainers = _trainers(bn_model(), sizes=(8, 12, 16, 8))
+    init = trainers["c0"].initial_params()
+    seq = _final(InProcessTransport(ClientPool(trainers)), trainers, FedAvg(), init)
+    with pytest.warns(RuntimeWarning, match="sequentially because the model has buffers") as rec:
+        vec = _final(VectorizedTransport(ClientPool(trainers)), trainers, FedAvg(), init)
+    assert len([w for w in rec if "VectorizedTransport" in str(w.message)]) == 1  # once
+    np.testing.assert_array_equal(vec.flat, seq.flat)
+
+
+def test_momentum_falls_back() -> None:
+    model = _mlp()
+    trainers = {
+        "a": TorchTrainer(model, (torch.randn(4, 6), torch.tensor([0, 1, 2, 0])), momentum=0.9)
+    }
+    init = trainers["a"].initial_params()
+    task = Task("a", TaskKind.FIT, init, FitConfig(0, batch_size=2))
+    with pytest.warns(RuntimeWarning, match="momentum"):
+        (reply,) = VectorizedTransport(ClientPool(trainers)).dispatch([task], PlainLocal())
+    assert reply.update is not None and reply.update.num_steps == 2
