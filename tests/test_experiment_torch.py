@@ -46,7 +46,7 @@ def test_mnist_2nn_from_config() -> None:
             "federation": {"rounds": 3, "fraction_fit": 0.1, "learning_rate": 0.1},
         }
     )
-    assert history[-1]["accuracy"] > 0.85
+    assert history[-1]["accuracy"] > 0.8
 
 
 def test_reference_models_have_the_published_sizes() -> None:
