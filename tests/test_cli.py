@@ -105,3 +105,28 @@ def test_kill_9_then_resume_gives_the_uninterrupted_model(tmp_path: Path) -> Non
     b = load_file(store.get_run(run.id).model_path)
     assert all(a[k].tobytes() == b[k].tobytes() for k in a)
     assert [r.round for r in store.rounds(run.id)] == list(range(1, 61))
+
+
+def test_ctrl_c_records_the_run_as_interrupted(tmp_path: Path) -> None:
+    (tmp_path / "run.toml").write_text(
+        '[data]\ndataset = "digits"\nnum_clients = 10\n[federation]\nrounds = 100000\n'
+        '[runtime]\nkind = "processes"\nworkers = 2\n'
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedloom", "run", "run.toml", "--quiet"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    db = tmp_path / ".fedloom" / "runs.sqlite"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (db.exists() and RunStore(db).list_runs()):
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    (run,) = RunStore(db).list_runs()
+    assert proc.returncode == 130
+    assert f"fedloom run --resume {run.id}" in err
+    assert run.status == "interrupted" and 0 < run.rounds < 100000

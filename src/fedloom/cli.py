@@ -44,6 +44,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         with RunStore(store_path) as store:
             info = store.get_run(args.resume)
             config = parse_config(info.config, f"run {info.id} in {store_path}")
+        if info.status == "finished":
+            print(f"run {info.id} already finished; its model: {info.model_path}")
+            return 0
         return run_experiment(config, store_path, resume=info.id, quiet=args.quiet)
     config = _load(args)
     if args.print_config:

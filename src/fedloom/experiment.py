@@ -233,6 +233,15 @@ def run_experiment(
                 result: RunResult = federation.resume(resume)
             else:
                 result = federation.run(initial, name=config.name, config=config.to_dict())
+        except KeyboardInterrupt:
+            if progress is not None:
+                progress.close()
+            print(
+                f"run {federation.run_id} interrupted; continue it with "
+                f"`fedloom run --resume {federation.run_id}`",
+                file=sys.stderr,
+            )
+            return 130
         finally:
             transport.close()
     history = result.history

@@ -175,6 +175,8 @@ class Federation:
         self.store = store
         self.run_dir = run_dir
         self.on_round = on_round
+        #: The run store's id of the current (or last) run; None without a store.
+        self.run_id: str | None = None
 
     @classmethod
     def simulation(
@@ -214,12 +216,12 @@ class Federation:
     ) -> RunResult:
         """Start a new run from `initial` and train until a stopping rule fires."""
         state = self.strategy.init(initial)
-        run_id = None
+        self.run_id = None
         if self.store is not None and self.run_dir is not None:
-            run_id = self.store.create_run(
+            self.run_id = self.store.create_run(
                 name, config or {}, self.settings.seed, str(self.run_dir)
             )
-        return self._loop(state, run_id, [])
+        return self._loop(state, self.run_id, [])
 
     def resume(self, run_id: str) -> RunResult:
         """Continue `run_id` from its last checkpoint; equals the uninterrupted run."""
@@ -228,6 +230,7 @@ class Federation:
         found = self.store.last_checkpoint(run_id)
         if found is None:
             raise ValueError(f"run {run_id} has no checkpoint to resume from")
+        self.run_id = run_id
         round_done, path = found
         state, client_states, _ = load_checkpoint(path)
         self.store.truncate_after(run_id, round_done)

@@ -16,6 +16,7 @@ import contextlib
 import json
 import multiprocessing as mp
 import os
+import signal
 import struct
 import sys
 import typing
@@ -118,7 +119,10 @@ def _attach(name: str) -> SharedMemory:
 
 
 def _worker(conn: Connection, pool: ClientPool, local: LocalAlgorithm) -> None:
-    """Worker loop: one task message in, one reply message out, until told to stop."""
+    """Worker loop: one task message in, one reply message out, until told to stop.
+
+    Ctrl-C is the parent's to handle (it records the run as interrupted and stops us)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(1)
     attached: dict[str, SharedMemory] = {}
