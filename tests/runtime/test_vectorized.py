@@ -62,15 +62,27 @@ def test_same_params_as_sequential(strategy: object) -> None:
     np.testing.assert_allclose(vec.flat, seq.flat, atol=1e-5)
 
 
-def test_replies_match_fit_in_task_order() -> None:
+@pytest.mark.parametrize("extras", [False, True], ids=["plain", "decay-correction-mu"])
+def test_replies_match_fit_in_task_order(extras: bool) -> None:
     trainers = _trainers(_mlp())
-    init = next(iter(trainers.values())).initial_params()
-    tasks = [
-        Task(
-            cid, TaskKind.FIT, init, FitConfig(0, epochs=2, batch_size=4, learning_rate=0.2, seed=i)
+    init = trainers["c0"].initial_params()
+    rng = np.random.default_rng(0)
+    tasks = []
+    for i, cid in enumerate(trainers):
+        corr = None
+        if extras:
+            trainers[cid].weight_decay = 0.01 * i
+            corr = init.with_flat(rng.normal(size=init.flat.shape).astype(np.float32))
+        config = FitConfig(
+            0,
+            epochs=2,
+            batch_size=4,
+            learning_rate=0.2,
+            seed=i,
+            proximal_mu=0.3 if extras else 0.0,
+            gradient_correction=corr,
         )
-        for i, cid in enumerate(trainers)
-    ]
+        tasks.append(Task(cid, TaskKind.FIT, init, config))
     tasks.insert(2, Task("c1", TaskKind.EVALUATE, init, evaluate=EvalConfig(0)))
     replies = list(
         VectorizedTransport(ClientPool(trainers), chunk_size=4).dispatch(tasks, PlainLocal())

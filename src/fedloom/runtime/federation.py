@@ -186,18 +186,29 @@ class Federation:
         settings: Settings,
         *,
         workers: int = 1,
+        vectorized: bool = False,
         **options: Any,
     ) -> Federation:
         """A federation of simulated clients in this machine: `workers=1` runs them in this
-        process, `workers=N` in N forked processes, `workers=0` one process per core.
+        process, `workers=N` in N forked processes, `workers=0` one process per core;
+        `vectorized=True` trains a round's clients in lockstep as one batched PyTorch
+        computation (small models; anything else falls back with a warning).
         `options` are the keyword arguments of the constructor."""
         from fedloom.runtime.processes import ProcessTransport
         from fedloom.runtime.transport import InProcessTransport
 
         pool = ClientPool(trainers)
-        transport: Transport = (
-            InProcessTransport(pool) if workers == 1 else ProcessTransport(pool, workers=workers)
-        )
+        transport: Transport
+        if vectorized:
+            if workers != 1:
+                raise ValueError("vectorized=True runs in this process: leave workers at 1")
+            from fedloom.runtime.vectorized import VectorizedTransport
+
+            transport = VectorizedTransport(pool)
+        elif workers == 1:
+            transport = InProcessTransport(pool)
+        else:
+            transport = ProcessTransport(pool, workers=workers)
         return cls(strategy, transport, list(trainers), settings, **options)
 
     def close(self) -> None:

@@ -1,0 +1,313 @@
+"""A simulation transport that trains the clients of a round in lockstep, as one batched
+computation (`torch.func`: `functional_call` + `grad_and_value` + `vmap` over stacked weights).
+
+For small models the sequential runtime is bound by per-step overhead (one Python forward,
+backward and optimizer step per client per batch). Here step `s` of every client in a chunk
+is one vmapped call: the weights are a `(C, P)` tensor (one flat row per client, in the
+layout of `Params`), each client's batch is gathered with the same seeded `randperm` schedule
+`TorchTrainer.fit` uses, and clients whose data ran out (fewer batches) are masked and do not
+move. A short last batch is padded and its loss is the mean over its real examples. Results
+equal the sequential runtime up to float rounding.
+
+Supported: fit tasks whose trainers are all `TorchTrainer`s sharing one module with no
+buffers, no dropout and only trainable float parameters, plain SGD (no momentum; weight decay
+allowed), local algorithm `PlainLocal` or `ProximalLocal`, and the same epochs / batch size /
+learning rate / proximal mu in every task. Anything else runs sequentially through the pool,
+after ONE `RuntimeWarning` per distinct reason that names it. Evaluate tasks always run
+sequentially through the pool.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch import nn
+from torch.func import functional_call, grad_and_value, vmap
+from torch.nn import functional as F
+
+from fedloom.adapters.torch_trainer import TorchTrainer, _flat_module
+from fedloom.algorithms.base import ClientState, LocalAlgorithm, PlainLocal, ProximalLocal
+from fedloom.core.types import Reply, Task, TaskKind, Update
+from fedloom.core.wire import encoded_size
+from fedloom.runtime.client import ClientPool
+
+
+class _Unsupported(Exception):
+    """A reason why a group of tasks cannot be vectorized (its message names the reason)."""
+
+
+class VectorizedTransport:
+    """Runs a round's fit tasks as batched `torch.func` computations, `chunk_size` clients at
+    a time; replies are yielded in task order.
+
+    Falls back to sequential in-process execution (`pool.run`) for tasks it cannot vectorize,
+    warning once per distinct reason (a `RuntimeWarning` starting with "VectorizedTransport").
+    A reply's `seconds` is its chunk's wall time divided evenly among the chunk's clients.
+    Memory per chunk is about `chunk_size` x (4 model-sized vectors + the clients' data); 64
+    measured as fast as 100 on the MNIST 784-32-10 workload (weights stay nearer the caches).
+    """
+
+    def __init__(self, pool: ClientPool, *, chunk_size: int = 64) -> None:
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.pool = pool
+        self.chunk_size = chunk_size
+        self._warned: set[str] = set()
+
+    # -- Transport protocol -----------------------------------------------------------------
+    def dispatch(self, tasks: Sequence[Task], local: LocalAlgorithm) -> Iterator[Reply]:
+        """Yield one reply per task, in task order."""
+        fit = [i for i, t in enumerate(tasks) if t.kind is TaskKind.FIT]
+        try:
+            model, mu = self._check([tasks[i] for i in fit], local)
+        except _Unsupported as exc:
+            if fit:
+                self._warn(str(exc))
+            model, mu = None, 0.0
+        done: dict[int, Reply] = {}  # replies of computed chunks, by task position
+        next_fit = 0
+        for i, task in enumerate(tasks):
+            if task.kind is not TaskKind.FIT or model is None:
+                yield self.pool.run(task, local)
+                continue
+            if i not in done:
+                chunk = fit[next_fit : next_fit + self.chunk_size]
+                next_fit += len(chunk)
+                replies = self._run_chunk(model, [tasks[j] for j in chunk], local, mu)
+                done.update(zip(chunk, replies, strict=True))
+            yield done.pop(i)
+
+    def client_states(self) -> dict[str, ClientState]:
+        """The pool's states (live, not a copy)."""
+        return self.pool.states
+
+    def restore_client_states(self, states: dict[str, ClientState]) -> None:
+        """Replace the pool's states."""
+        self.pool.states = dict(states)
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+    # -- eligibility ------------------------------------------------------------------------
+    def _warn(self, reason: str) -> None:
+        if reason not in self._warned:
+            self._warned.add(reason)
+            warnings.warn(
+                f"VectorizedTransport: running tasks sequentially because {reason}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    def _check(self, tasks: Sequence[Task], local: LocalAlgorithm) -> tuple[nn.Module, float]:
+        """The shared module and the proximal mu, or `_Unsupported` naming why not."""
+        if not tasks:
+            raise _Unsupported("there are no fit tasks")
+        if type(local) not in (PlainLocal, ProximalLocal):
+            raise _Unsupported(f"local algorithm {type(local).__name__} is not supported")
+        trainers = [self.pool.trainers.get(t.client_id) for t in tasks]
+        if not all(isinstance(tr, TorchTrainer) for tr in trainers):
+            raise _Unsupported("a trainer is not a TorchTrainer (or a client id is unknown)")
+        torch_trainers = [tr for tr in trainers if isinstance(tr, TorchTrainer)]
+        model = torch_trainers[0].model
+        if any(tr.model is not model for tr in torch_trainers):
+            raise _Unsupported("the trainers do not share one module")
+        if any(tr.momentum > 0 for tr in torch_trainers):
+            raise _Unsupported("SGD momentum is not supported")
+        if len({id(tr._loss) for tr in torch_trainers}) != 1:
+            raise _Unsupported("the trainers use different loss functions")
+        if any(True for _ in model.buffers()):
+            raise _Unsupported("the model has buffers (e.g. BatchNorm running statistics)")
+        if any(isinstance(m, nn.modules.dropout._DropoutNd) for m in model.modules()):
+            raise _Unsupported("the model has dropout (random in train mode)")
+        state = _flat_module(model)
+        if len(state.params) != len(state.tensors):
+            raise _Unsupported("the model has frozen parameters")
+        configs = [t.fit for t in tasks]
+        if any(c is None for c in configs):
+            raise _Unsupported("a fit task has no FitConfig")
+        keys = {(c.epochs, c.batch_size, c.learning_rate, c.proximal_mu) for c in configs if c}
+        if len(keys) != 1:
+            raise _Unsupported("the tasks have different epochs, batch size, lr or mu")
+        epochs, batch, _, task_mu = keys.pop()
+        if epochs < 1 or batch < 1:
+            raise _Unsupported(f"epochs={epochs} and batch_size={batch} must be >= 1")
+        if any(t.params.layout.specs != state.layout.specs for t in tasks):
+            raise _Unsupported("a task's params do not match the model's layout")
+        mu = local.mu if isinstance(local, ProximalLocal) else task_mu
+        return model, mu
+
+    # -- the batched computation ------------------------------------------------------------
+    def _run_chunk(
+        self, model: nn.Module, tasks: Sequence[Task], local: LocalAlgorithm, mu: float
+    ) -> list[Reply]:
+        start = time.perf_counter()
+        try:
+            updates = _train_chunk(model, tasks, [self._trainer(t) for t in tasks], mu)
+        except Exception as exc:  # vmap or a loss that cannot be batched: run them one by one
+            self._warn(f"the batched computation failed ({type(exc).__name__}: {exc})")
+            return [self.pool.run(t, local) for t in tasks]
+        seconds = (time.perf_counter() - start) / len(tasks)
+        replies = []
+        for task, update in zip(tasks, updates, strict=True):
+            self.pool.states.setdefault(task.client_id, {})
+            down = encoded_size(task.params.layout) + sum(
+                encoded_size(p.layout) for p in task.broadcast.values()
+            )
+            up = encoded_size(update.delta.layout)
+            replies.append(Reply(task.client_id, update, None, None, down, up, seconds))
+        return replies
+
+    def _trainer(self, task: Task) -> TorchTrainer:
+        trainer = self.pool.trainers[task.client_id]
+        assert isinstance(trainer, TorchTrainer)
+        return trainer
+
+
+def _per_example_loss(
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """`(outputs, targets) -> (n,)` losses of a batch-mean loss function."""
+    if loss is F.cross_entropy:  # class labels: nll of log_softmax, as F.cross_entropy does
+        return lambda out, y: -out.log_softmax(-1).gather(-1, y[..., None])[..., 0]
+
+    def one(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return loss(o[None], t[None])
+
+    per: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = vmap(one)
+    return per
+
+
+def _batches(
+    tasks: Sequence[Task], trainers: Sequence[TorchTrainer], epochs: int, batch: int
+) -> tuple[torch.Tensor, torch.Tensor, npt.NDArray[np.int64], list[int]]:
+    """Every client's training data in the order `TorchTrainer.fit` visits it.
+
+    Returns `x` of shape `(C, steps * batch, ...)` and `y` likewise, where client i's step
+    `e * per_epoch[i] + j` is rows `[s * batch, (s + 1) * batch)`: batch j of epoch e of the
+    seeded `randperm` order (a short last batch and the steps after a client's data ran out
+    are zero padding); the number of real examples per step, `(steps, C)`; and each client's
+    batches per epoch.
+    """
+    sizes = [tr.num_train_examples for tr in trainers]
+    per_epoch = [-(-n // batch) for n in sizes]
+    steps = max(per_epoch) * epochs
+    x0, y0 = trainers[0]._x, trainers[0]._y
+    x = torch.empty((len(tasks), steps * batch, *x0.shape[1:]), dtype=x0.dtype, device=x0.device)
+    y = torch.empty((len(tasks), steps * batch, *y0.shape[1:]), dtype=y0.dtype, device=y0.device)
+    counts = np.zeros((len(tasks), steps), dtype=np.int64)
+    for i, (task, tr) in enumerate(zip(tasks, trainers, strict=True)):
+        assert task.fit is not None
+        n, span = sizes[i], per_epoch[i] * batch
+        gen = torch.Generator().manual_seed(task.fit.seed)
+        for e in range(epochs):
+            perm = torch.randperm(n, generator=gen).to(x0.device)
+            torch.index_select(tr._x, 0, perm, out=x[i, e * span : e * span + n])
+            torch.index_select(tr._y, 0, perm, out=y[i, e * span : e * span + n])
+            if n < span:  # padding must be finite: its loss is weighted by 0, not skipped
+                x[i, e * span + n : (e + 1) * span].zero_()
+                y[i, e * span + n : (e + 1) * span].zero_()
+        if epochs * span < x.shape[1]:
+            x[i, epochs * span :].zero_()
+            y[i, epochs * span :].zero_()
+        full, tail = divmod(n, batch)
+        row = np.full(per_epoch[i], batch)
+        row[full:] = tail
+        counts[i, : epochs * per_epoch[i]] = np.tile(row, epochs)
+    return x, y, counts.T, per_epoch
+
+
+def _per_row(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`v` of shape `(C,)` viewed to broadcast over `like` of shape `(C, ...)`."""
+    return v.view(-1, *[1] * (like.dim() - 1))
+
+
+def _train_chunk(
+    model: nn.Module, tasks: Sequence[Task], trainers: Sequence[TorchTrainer], mu: float
+) -> list[Update]:
+    """Train the chunk's clients in lockstep; the `Update` each `TorchTrainer.fit` would give."""
+    config = tasks[0].fit
+    assert config is not None
+    state = _flat_module(model)
+    dtype, device = state.flat.dtype, state.flat.device
+    epochs, batch, lr, c = config.epochs, config.batch_size, config.learning_rate, len(tasks)
+    names = {id(p): name for name, p in model.named_parameters()}
+    keys = [names[id(p)] for p in state.params]
+    per_example = _per_example_loss(trainers[0]._loss)
+
+    def loss_fn(
+        params: dict[str, torch.Tensor], xb: torch.Tensor, yb: torch.Tensor, wb: torch.Tensor
+    ) -> torch.Tensor:
+        out = functional_call(model, params, (xb,))
+        return (per_example(out, yb) * wb).sum()
+
+    step_fn = vmap(grad_and_value(loss_fn))
+
+    sizes = [tr.num_train_examples for tr in trainers]
+    x, y, counts, per_epoch = _batches(tasks, trainers, epochs, batch)
+    steps = len(counts)
+    # Per-example loss weights: 1 / (real examples in the batch), 0 on padding.
+    real = np.arange(batch)[None, None, :] < counts[:, :, None]
+    weight = torch.from_numpy(real / np.maximum(counts, 1)[:, :, None]).to(device, dtype)
+    all_alive = [bool((row > 0).all()) for row in counts]
+    alive = torch.from_numpy(counts > 0).to(device, dtype)  # (steps, c)
+    last = np.arange(steps)[:, None] >= (epochs - 1) * np.array(per_epoch)[None, :]
+    counted = torch.from_numpy(np.where(last, counts, 0)).to(device, torch.float64)
+
+    # Global weights: one row per client (expanded, not copied, when all tasks share them).
+    first = tasks[0].params
+    if all(t.params is first for t in tasks):
+        flat0 = torch.from_numpy(np.asarray(first.flat)).to(device, dtype).expand(c, -1)
+    else:
+        flat0 = torch.from_numpy(np.stack([t.params.flat for t in tasks])).to(device, dtype)
+    w0 = [flat0[:, a:b].reshape(c, *shape) for a, b, shape in state.spans]
+    w = list(w0)  # the first step writes new tensors; later steps update them in place
+    extra: list[torch.Tensor] | None = None  # gradient correction, as one (c, P) tensor
+    if any(t.fit is not None and t.fit.gradient_correction is not None for t in tasks):
+        rows = [
+            np.zeros(flat0.shape[1])
+            if t.fit is None or t.fit.gradient_correction is None
+            else t.fit.gradient_correction.flat
+            for t in tasks
+        ]
+        corr = torch.from_numpy(np.stack(rows)).to(device, dtype)
+        extra = [corr[:, a:b].reshape(c, *shape) for a, b, shape in state.spans]
+    decay = torch.tensor([tr.weight_decay for tr in trainers], dtype=dtype, device=device)
+    has_decay = bool((decay > 0).any())
+    losses: list[torch.Tensor] = []
+    model.train()
+    for s in range(steps):
+        xb, yb = x[:, s * batch : (s + 1) * batch], y[:, s * batch : (s + 1) * batch]
+        grads_d, loss = step_fn(dict(zip(keys, w, strict=True)), xb, yb, weight[s])
+        grads = [grads_d[k] for k in keys]
+        losses.append(loss)
+        if mu > 0:
+            torch._foreach_add_(grads, torch._foreach_sub(w, w0), alpha=mu)
+        if extra is not None:
+            torch._foreach_add_(grads, extra)
+        if has_decay:
+            torch._foreach_add_(grads, torch._foreach_mul(w, [_per_row(decay, g) for g in grads]))
+        if not all_alive[s]:
+            torch._foreach_mul_(grads, [_per_row(alive[s], g) for g in grads])
+        if s == 0:
+            w = list(torch._foreach_add(w0, grads, alpha=-lr))
+        else:
+            torch._foreach_add_(w, grads, alpha=-lr)
+    loss_sums = (torch.stack(losses).double() * counted).sum(0)
+    deltas = torch.empty(flat0.shape, dtype=dtype, device=device)
+    for v, v0, (a, b, shape) in zip(w, w0, state.spans, strict=True):
+        torch.sub(v, v0, out=deltas[:, a:b].view(c, *shape))
+    deltas_np = deltas.cpu().numpy()
+    train_loss = (loss_sums.cpu() / torch.tensor(sizes, dtype=torch.float64)).tolist()
+    updates = []
+    for i, task in enumerate(tasks):
+        flat = task.params.flat
+        delta = np.asarray(deltas_np[i], dtype=flat.dtype)
+        metrics = {"train_loss": float(train_loss[i])}
+        taken = epochs * per_epoch[i]
+        updates.append(Update(task.params.with_flat(delta), sizes[i], taken, metrics))
+    return updates
