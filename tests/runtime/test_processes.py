@@ -1,7 +1,7 @@
 import os
 
 import numpy as np
-from toy import Toy, federation_of, initial
+from toy import Toy, federation_of
 
 from fedloom.algorithms import FedAvg, Scaffold
 from fedloom.core.params import Params
@@ -14,7 +14,8 @@ from fedloom.runtime.transport import InProcessTransport, Transport
 
 def run(transport: Transport, trainers, strategy, settings):  # type: ignore[no-untyped-def]
     try:
-        return Federation(strategy, transport, list(trainers), settings).run(initial())
+        first = next(iter(trainers.values()))
+        return Federation(strategy, transport, list(trainers), settings).run(first.initial_params())
     finally:
         transport.close()
 
@@ -57,3 +58,48 @@ def test_a_worker_that_dies_is_a_failure_not_a_crash() -> None:
     reasons = [r.reason for rec in result.history for r in rec.rejections]
     assert any("worker process died" in r for r in reasons)
     assert all(rec.num_accepted >= 2 for rec in result.history)
+
+
+class Wide:
+    """A 200,000-parameter client: every payload is far larger than a pipe's buffer."""
+
+    num_train_examples = 10
+
+    def __init__(self, target: float) -> None:
+        self.target = np.float32(target)
+
+    def initial_params(self) -> Params:
+        return Params.from_arrays({"w": np.zeros(200_000, np.float32)})
+
+    def fit(self, params: Params, config: FitConfig) -> Update:
+        w = params.flat.copy()
+        for _ in range(3):
+            grad = w - self.target
+            if config.gradient_correction is not None:
+                grad = grad + config.gradient_correction.flat
+            w -= config.learning_rate * grad
+        return Update(params.with_flat(w - params.flat), 10, 3)
+
+    def evaluate(self, params: Params, config: object) -> None:
+        raise NotImplementedError
+
+
+def test_large_client_states_do_not_deadlock_the_pipes() -> None:
+    """SCAFFOLD sends a model-sized state and broadcast with every task; with two tasks in
+    flight per worker, large inline messages once deadlocked parent and worker."""
+    import faulthandler
+
+    trainers = {f"c{i}": Wide(i / 10) for i in range(8)}
+    settings = Settings(rounds=3, fraction_fit=1.0, learning_rate=0.1)
+    faulthandler.dump_traceback_later(60, exit=True)  # a deadlock fails loudly, never hangs CI
+    try:
+        a = run(
+            ProcessTransport(ClientPool(trainers), workers=2),
+            trainers,
+            Scaffold(num_clients=8),
+            settings,
+        )
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+    b = run(InProcessTransport(ClientPool(trainers)), trainers, Scaffold(num_clients=8), settings)
+    assert a.state.params.flat.tobytes() == b.state.params.flat.tobytes()

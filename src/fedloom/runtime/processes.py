@@ -44,6 +44,8 @@ from fedloom.core.wire import decode, encode
 from fedloom.runtime.client import ClientPool
 
 _LEN = struct.Struct("<I")
+#: Where a payload lies in shared memory: segment name, offset, size, round generation.
+Location = tuple[str, int, int, int]
 
 
 def pack(header: dict[str, Any], blobs: Sequence[bytes]) -> bytes:
@@ -85,7 +87,7 @@ class _Payloads:
         self.used = 0
         self.generation += 1
 
-    def put(self, blob: bytes) -> tuple[str, int, int, int]:
+    def put(self, blob: bytes) -> Location:
         end = self.used + len(blob)
         if self.shm is None or end > self.shm.size:
             raise _Grow(max(end, 2 * (self.shm.size if self.shm else 0), 1 << 20))
@@ -127,6 +129,27 @@ def _worker(conn: Connection, pool: ClientPool, local: LocalAlgorithm) -> None:
         sys.modules["torch"].set_num_threads(1)
     attached: dict[str, SharedMemory] = {}
     cache: dict[tuple[str, int, int, int], Params] = {}
+
+    def read(where: list[Any], shared: bool) -> Params:
+        """Decode a payload the parent placed in shared memory (`shared`: reuse per round)."""
+        name, start, size, generation = where
+        key = (name, start, size, generation)
+        if name not in attached:
+            for old in attached.values():
+                old.close()
+            attached.clear()
+            attached[name] = _attach(name)
+        if any(k[3] != generation or k[0] != name for k in cache):
+            cache.clear()  # a new round: last round's payloads are gone
+        if shared and key in cache:
+            return cache[key]
+        buf = attached[name].buf
+        assert buf is not None
+        value = decode(buf[start : start + size])[0]
+        if shared:
+            cache[key] = value
+        return value
+
     while True:
         try:
             message = conn.recv_bytes()
@@ -134,26 +157,15 @@ def _worker(conn: Connection, pool: ClientPool, local: LocalAlgorithm) -> None:
             return
         if not message:
             return
-        head, blobs = unpack(message)
-        name, start, size, generation = head["params"]
-        key = (name, start, size, generation)
-        if key not in cache:
-            if name not in attached:
-                for old in attached.values():
-                    old.close()
-                attached = {name: _attach(name)}
-                cache.clear()
-            buf = attached[name].buf
-            assert buf is not None
-            cache[key] = decode(buf[start : start + size])[0]
-        n_state = len(head["state"])
-        state = _decode_named(head["state"], blobs[:n_state])
-        broadcast = _decode_named(head["broadcast"], blobs[n_state:])
+        head, _ = unpack(message)
+        params = read(head["params"], shared=True)
+        broadcast = {n: read(w, shared=True) for n, w in head["broadcast"]}
+        state = {n: read(w, shared=False) for n, w in head["state"]}
         kind = TaskKind(head["kind"])
         task = Task(
             head["client"],
             kind,
-            cache[key],
+            params,
             fit=FitConfig(**head["fit"]) if kind is TaskKind.FIT else None,
             evaluate=EvalConfig(**head["eval"]) if kind is TaskKind.EVALUATE else None,
             broadcast=broadcast,
@@ -243,20 +255,38 @@ class ProcessTransport:
             self._procs.append((proc, parent))
         self._local = local
 
-    def _publish(self, tasks: Sequence[Task]) -> dict[int, tuple[str, int, int, int]]:
-        """Write each distinct params object once; return task index -> segment location."""
+    def _publish(self, tasks: Sequence[Task]) -> list[dict[str, Any]]:
+        """Write every task's payloads (model, broadcast, client state) into shared memory,
+        each distinct object once; return, per task, where each one lies.
+
+        Task messages then stay a few hundred bytes, so the parent never blocks writing to a
+        worker that is itself blocked writing a large reply back (a pipe deadlock)."""
         while True:
             try:
-                self._payloads.reset()
-                seen: dict[int, tuple[str, int, int, int]] = {}
-                where: dict[int, tuple[str, int, int, int]] = {}
-                for i, task in enumerate(tasks):
-                    if id(task.params) not in seen:
-                        seen[id(task.params)] = self._payloads.put(encode(task.params))
-                    where[i] = seen[id(task.params)]
-                return where
+                return self._place(tasks)
             except _Grow as grow:
                 self._payloads.grow(grow.size)
+
+    def _place(self, tasks: Sequence[Task]) -> list[dict[str, Any]]:
+        self._payloads.reset()
+        seen: dict[int, Location] = {}
+
+        def put(value: Params) -> Location:
+            if id(value) not in seen:
+                seen[id(value)] = self._payloads.put(encode(value))
+            return seen[id(value)]
+
+        placed = []
+        for task in tasks:
+            state = self.pool.states.get(task.client_id, {})
+            placed.append(
+                {
+                    "params": put(task.params),
+                    "broadcast": [[n, put(p)] for n, p in task.broadcast.items()],
+                    "state": [[n, put(p)] for n, p in state.items()],
+                }
+            )
+        return placed
 
     def dispatch(self, tasks: Sequence[Task], local: LocalAlgorithm) -> Iterator[Reply]:
         """Yield one reply per task, in task order.
@@ -313,12 +343,8 @@ class ProcessTransport:
         trainer = self.pool.trainers.get(client_id)
         return int(getattr(trainer, "num_train_examples", 0) or 0)
 
-    def _send(
-        self, conn: Connection, index: int, task: Task, where: dict[int, tuple[str, int, int, int]]
-    ) -> bool:
+    def _send(self, conn: Connection, index: int, task: Task, where: list[dict[str, Any]]) -> bool:
         """Send one task; False if the worker is gone."""
-        state_names, state_blobs = _encode_named(self.pool.states.get(task.client_id, {}))
-        b_names, b_blobs = _encode_named(task.broadcast)
         fit = None
         if task.fit is not None:  # gradient_correction is set by the client half, not sent
             f = task.fit
@@ -334,14 +360,12 @@ class ProcessTransport:
             "i": index,
             "client": task.client_id,
             "kind": task.kind.value,
-            "params": where[index],
+            **where[index],
             "fit": fit,
             "eval": asdict(task.evaluate) if task.evaluate is not None else None,
-            "state": state_names,
-            "broadcast": b_names,
         }
         try:
-            conn.send_bytes(pack(head, [*state_blobs, *b_blobs]))
+            conn.send_bytes(pack(head, []))
         except OSError:
             return False
         return True
