@@ -68,6 +68,8 @@ class Layout:
 
     def describe_mismatch(self, other: Layout) -> str | None:
         """Return a human-readable reason why `other` differs from this layout, or None."""
+        if other is self or other == self:  # the common case on the aggregation path
+            return None
         if other.dtype != self.dtype:
             return f"dtype {other.dtype} where {self.dtype} was expected"
         mine = {s.name: s.shape for s in self.specs}
