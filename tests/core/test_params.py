@@ -65,3 +65,19 @@ def test_finiteness_and_norm() -> None:
     assert p.is_finite()
     p["w"][1, 1] = np.nan
     assert not p.is_finite()
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_finiteness_when_the_sum_overflows(dtype: type) -> None:
+    """Huge but finite values whose sum overflows are finite; one Inf or -Inf is not."""
+    big = np.finfo(dtype).max
+    p = Params.from_arrays({"w": np.full(8, big)}, dtype)
+    with np.errstate(over="ignore"):
+        assert not np.isfinite(p.flat.sum())  # the fast path cannot decide here
+    assert p.is_finite()
+    for bad in (np.inf, -np.inf, np.nan):
+        p.flat[3] = bad
+        assert not p.is_finite()
+        p.flat[3] = big
+    p.flat[:4], p.flat[4:] = np.inf, -np.inf  # the sum is NaN, not Inf
+    assert not p.is_finite()

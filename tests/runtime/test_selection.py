@@ -3,6 +3,7 @@ import pytest
 from fedloom.runtime.selection import (
     SelectionError,
     client_seed,
+    client_seeds,
     round_rng,
     sample_size,
     select_clients,
@@ -42,3 +43,13 @@ def test_client_seed_depends_on_run_round_and_client() -> None:
     assert len(seeds) == 27
     assert all(0 <= s < 2**31 for s in seeds)
     assert client_seed(1, 2, 3) == client_seed(1, 2, 3)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 12345, 2**31 - 1, 2**32 - 1, 2**32, 2**40])
+@pytest.mark.parametrize("round_number", [1, 2, 999, 2**32 - 1])
+def test_client_seeds_equal_client_seed(seed: int, round_number: int) -> None:
+    """The vectorized seeds are SeedSequence's, bit for bit (seeds past 32 bits fall back)."""
+    indices = [0, 1, 2, 7, 99, 1000, 65535, 2**20 + 3, 2**32 - 1]
+    want = [client_seed(seed, round_number, i) for i in indices]
+    assert client_seeds(seed, round_number, indices) == want
+    assert len(set(want)) == len(want)

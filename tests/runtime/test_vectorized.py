@@ -37,6 +37,33 @@ def _mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
 
 
+class _Wrapped(nn.Module):
+    """Not an `nn.Sequential`: trained through the vmapped autograd path."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.inner(x)
+        return out
+
+
+def _model(kind: str) -> nn.Module:
+    """`mlp`, `tanh-sigmoid` (no biases, identity) use the hand-derived MLP step; `vmap` the
+    generic one (same MLP as `mlp`)."""
+    if kind == "tanh-sigmoid":
+        torch.manual_seed(0)
+        return nn.Sequential(
+            nn.Linear(6, 8, bias=False), nn.Tanh(), nn.Linear(8, 5), nn.Sigmoid(),
+            nn.Identity(), nn.Linear(5, 3, bias=False),
+        )  # fmt: skip
+    return _Wrapped(_mlp()) if kind == "vmap" else _mlp()
+
+
+MODELS = ["mlp", "tanh-sigmoid", "vmap"]
+
+
 def _final(
     transport: Transport, trainers: dict[str, TorchTrainer], strategy: object, init: Params
 ) -> Params:
@@ -48,9 +75,10 @@ def _final(
         return fed.run(init).state.params
 
 
+@pytest.mark.parametrize("kind", MODELS)
 @pytest.mark.parametrize("strategy", [FedAvg(), FedProx(mu=0.5)], ids=["fedavg", "fedprox"])
-def test_same_params_as_sequential(strategy: object) -> None:
-    trainers = _trainers(_mlp())
+def test_same_params_as_sequential(strategy: object, kind: str) -> None:
+    trainers = _trainers(_model(kind))
     init = trainers["c0"].initial_params()  # before training: the module holds the last load
     seq = _final(InProcessTransport(ClientPool(trainers)), trainers, strategy, init)
     with warnings.catch_warnings():
@@ -62,9 +90,10 @@ def test_same_params_as_sequential(strategy: object) -> None:
     np.testing.assert_allclose(vec.flat, seq.flat, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", MODELS)
 @pytest.mark.parametrize("extras", [False, True], ids=["plain", "decay-correction-mu"])
-def test_replies_match_fit_in_task_order(extras: bool) -> None:
-    trainers = _trainers(_mlp())
+def test_replies_match_fit_in_task_order(extras: bool, kind: str) -> None:
+    trainers = _trainers(_model(kind))
     init = trainers["c0"].initial_params()
     rng = np.random.default_rng(0)
     tasks = []
@@ -124,3 +153,16 @@ def test_momentum_falls_back() -> None:
     with pytest.warns(RuntimeWarning, match="momentum"):
         (reply,) = VectorizedTransport(ClientPool(trainers)).dispatch([task], PlainLocal())
     assert reply.update is not None and reply.update.num_steps == 2
+
+
+def test_mlp_plan_covers_only_plain_mlps() -> None:
+    from fedloom.runtime.vectorized import _Linear, _mlp_plan
+
+    keys = ["0.weight", "0.bias", "2.weight", "2.bias"]
+    assert _mlp_plan(_mlp(), keys) == [
+        _Linear("0.weight", "0.bias"),
+        nn.ReLU,
+        _Linear("2.weight", "2.bias"),
+    ]
+    assert _mlp_plan(_Wrapped(_mlp()), keys) is None
+    assert _mlp_plan(nn.Sequential(nn.Linear(6, 8), nn.GELU()), keys[:2]) is None

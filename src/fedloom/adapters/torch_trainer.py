@@ -45,7 +45,7 @@ _NP_DTYPES: dict[torch.dtype, type[np.floating]] = {
 }
 
 
-class _FlatModule:
+class FlatModule:
     """A module's float state as views of one flat tensor."""
 
     __slots__ = ("flat", "flat_np", "layout", "params", "ptrs", "spans", "tensors", "views")
@@ -116,13 +116,16 @@ class _FlatModule:
         return self.flat_np if self.flat_np is not None else self.flat.cpu().numpy()
 
 
-_CACHE: weakref.WeakKeyDictionary[nn.Module, _FlatModule] = weakref.WeakKeyDictionary()
+_CACHE: weakref.WeakKeyDictionary[nn.Module, FlatModule] = weakref.WeakKeyDictionary()
 
 
-def _flat_module(module: nn.Module) -> _FlatModule:
+def flat_module(module: nn.Module) -> FlatModule:
+    """The module's float state as views of one flat tensor (built on first use, then cached
+    per module; rebuilt if the module was moved). Runtimes that train a module themselves (the
+    vectorized transport) read its layout and spans here; treat it as read-only."""
     state = _CACHE.get(module)
     if state is None or not state.intact():
-        state = _FlatModule(module)
+        state = FlatModule(module)
         _CACHE[module] = state
     return state
 
@@ -134,7 +137,7 @@ def params_from_module(module: nn.Module) -> Params:
     appear once. The first call re-homes the module's tensors into one flat buffer (values and
     `Parameter` objects unchanged).
     """
-    state = _flat_module(module)
+    state = flat_module(module)
     return Params(state.layout, state.read().copy())
 
 
@@ -144,7 +147,7 @@ def load_into_module(module: nn.Module, params: Params) -> None:
     Raises `ParamsError` (a `ValueError`) naming the offending tensor if names or shapes differ.
     A different float dtype is converted.
     """
-    _flat_module(module).load(params)
+    flat_module(module).load(params)
 
 
 def _to_tensor(a: Data, dtype: torch.dtype, device: torch.device, what: str) -> torch.Tensor:
@@ -195,7 +198,7 @@ class TorchTrainer:
         if momentum < 0 or weight_decay < 0:
             raise ValueError("momentum and weight_decay must be >= 0")
         self.model = model
-        state = _flat_module(model)
+        state = flat_module(model)
         dtype, device = state.flat.dtype, state.flat.device
         self._x = _to_tensor(train[0], dtype, device, "train x")
         self._y = _to_tensor(train[1], dtype, device, "train y")
@@ -214,6 +217,16 @@ class TorchTrainer:
         self._gen = torch.Generator()
 
     @property
+    def train_data(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training `(x, y)` tensors as converted at construction (do not modify them)."""
+        return self._x, self._y
+
+    @property
+    def loss(self) -> LossFn:
+        """The loss function `fit` minimizes."""
+        return self._loss
+
+    @property
     def num_train_examples(self) -> int:
         """Number of training examples (the `num_examples` of every `Update`)."""
         return len(self._x)
@@ -230,7 +243,7 @@ class TorchTrainer:
         """
         if config.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {config.batch_size}")
-        model, state = self.model, _flat_module(self.model)
+        model, state = self.model, flat_module(self.model)
         state.load(params)
         device, weights, views = state.flat.device, state.params, state.views
         mu, lr = config.proximal_mu, config.learning_rate
@@ -305,7 +318,7 @@ class TorchTrainer:
         """
         if self._test is None:
             raise ValueError("TorchTrainer.evaluate needs test data: pass test=(x, y)")
-        state = _flat_module(self.model)
+        state = flat_module(self.model)
         state.load(params)
         self.model.eval()
         x, y = self._test

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import typing
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
@@ -55,11 +55,11 @@ class Layout:
 
     specs: tuple[TensorSpec, ...]
     dtype: np.dtype[np.floating]
+    #: Total number of elements across all tensors (computed once).
+    size: int = field(init=False, repr=False, compare=False)
 
-    @property
-    def size(self) -> int:
-        """Total number of elements across all tensors."""
-        return sum(s.size for s in self.specs)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "size", sum(s.size for s in self.specs))
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -106,12 +106,17 @@ class Params(Mapping[str, FloatArray]):
             raise ParamsError(f"buffer dtype {flat.dtype} for a layout of {layout.dtype}")
         self._layout = layout
         self._flat = flat
-        views: dict[str, FloatArray] = {}
-        offset = 0
-        for spec in layout.specs:
-            views[spec.name] = flat[offset : offset + spec.size].reshape(spec.shape)
-            offset += spec.size
-        self._views = views
+        self._views: dict[str, FloatArray] | None = None  # built on first access by name
+
+    def _named(self) -> dict[str, FloatArray]:
+        if self._views is None:
+            views: dict[str, FloatArray] = {}
+            offset = 0
+            for spec in self._layout.specs:
+                views[spec.name] = self._flat[offset : offset + spec.size].reshape(spec.shape)
+                offset += spec.size
+            self._views = views
+        return self._views
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -135,7 +140,7 @@ class Params(Mapping[str, FloatArray]):
         flat = np.empty(layout.size, dtype=dt)
         out = cls(layout, flat)
         for name, a in converted.items():
-            out._views[name][...] = a
+            out[name][...] = a
         return out
 
     @classmethod
@@ -145,13 +150,13 @@ class Params(Mapping[str, FloatArray]):
 
     # -- mapping protocol ---------------------------------------------------------------------
     def __getitem__(self, name: str) -> FloatArray:
-        return self._views[name]
+        return self._named()[name]
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._views)
+        return iter(self._layout.names)
 
     def __len__(self) -> int:
-        return len(self._views)
+        return len(self._layout.specs)
 
     # -- views and copies ---------------------------------------------------------------------
     @property
@@ -179,7 +184,11 @@ class Params(Mapping[str, FloatArray]):
 
     def is_finite(self) -> bool:
         """True if no element is NaN or infinite."""
-        return bool(np.isfinite(self._flat).all())
+        # A finite sum proves every element finite (NaN and Inf propagate) in one pass without
+        # a temporary; only a sum that overflows needs the elementwise check.
+        with np.errstate(over="ignore", invalid="ignore"):
+            total = self._flat.sum()
+        return bool(np.isfinite(total)) or bool(np.isfinite(self._flat).all())
 
     def norm(self) -> float:
         """Euclidean norm of the flat vector."""

@@ -8,7 +8,6 @@ return one index array per client for `ArrayDataset.subset`.
 """
 
 from fedloom.data.datasets import (
-    ALL_LETTERS,
     ENV_VAR,
     ArrayDataset,
     CorruptDataError,
@@ -18,11 +17,11 @@ from fedloom.data.datasets import (
     load_fashion_mnist,
     load_femnist,
     load_mnist,
-    load_shakespeare,
     load_sklearn,
 )
 from fedloom.data.download import ChecksumError, DownloadError, download
 from fedloom.data.partition import dirichlet, iid, natural, quantity_skew, shards
+from fedloom.data.shakespeare import ALL_LETTERS, load_shakespeare
 
 __all__ = [
     "ALL_LETTERS",

@@ -14,7 +14,7 @@ from fedloom.core.trainer import Trainer
 from fedloom.core.types import EvalConfig, FitConfig, Metrics, Reply, Task, TaskKind
 from fedloom.runtime.aggregate import StreamingMean, check_update
 from fedloom.runtime.client import ClientPool
-from fedloom.runtime.selection import SelectionError, client_seed, round_rng, select_clients
+from fedloom.runtime.selection import SelectionError, client_seeds, round_rng, select_clients
 from fedloom.runtime.transport import Transport
 from fedloom.store import (
     ClientRecord,
@@ -325,9 +325,10 @@ class Federation:
         rng = round_rng(s.seed, number, attempt)
         picked = select_clients(self._available(number), s.fraction_fit, s.min_fit_clients, rng)
         tally.selected += len(picked)
+        seeds = client_seeds(s.seed, number, [self._index[cid] for cid in picked])
         tasks = [
-            Task(cid, TaskKind.FIT, state.params, self._fit_config(number, cid), None, broadcast)
-            for cid in picked
+            Task(cid, TaskKind.FIT, state.params, self._fit_config(number, seed), None, broadcast)
+            for cid, seed in zip(picked, seeds, strict=True)
         ]
         mean = StreamingMean(layout, extras)
         for reply in self.transport.dispatch(tasks, local):
@@ -341,14 +342,14 @@ class Federation:
             tally.clients.append(self._client_record(reply, "fit"))
         return mean
 
-    def _fit_config(self, number: int, client_id: str) -> FitConfig:
+    def _fit_config(self, number: int, seed: int) -> FitConfig:
         s = self.settings
         return FitConfig(
             round=number,
             epochs=s.epochs,
             batch_size=s.batch_size,
             learning_rate=s.learning_rate,
-            seed=client_seed(s.seed, number, self._index[client_id]),
+            seed=seed,
         )
 
     def _available(self, number: int) -> list[str]:

@@ -19,9 +19,12 @@ sequentially through the pool.
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import numpy.typing as npt
@@ -30,7 +33,7 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 from torch.nn import functional as F
 
-from fedloom.adapters.torch_trainer import TorchTrainer, _flat_module
+from fedloom.adapters.torch_trainer import TorchTrainer, flat_module
 from fedloom.algorithms.base import ClientState, LocalAlgorithm, PlainLocal, ProximalLocal
 from fedloom.core.types import Reply, Task, TaskKind, Update
 from fedloom.core.wire import encoded_size
@@ -58,6 +61,7 @@ class VectorizedTransport:
         self.pool = pool
         self.chunk_size = chunk_size
         self._warned: set[str] = set()
+        self._workspace = _Workspace()
 
     # -- Transport protocol -----------------------------------------------------------------
     def dispatch(self, tasks: Sequence[Task], local: LocalAlgorithm) -> Iterator[Reply]:
@@ -118,13 +122,13 @@ class VectorizedTransport:
             raise _Unsupported("the trainers do not share one module")
         if any(tr.momentum > 0 for tr in torch_trainers):
             raise _Unsupported("SGD momentum is not supported")
-        if len({id(tr._loss) for tr in torch_trainers}) != 1:
+        if len({id(tr.loss) for tr in torch_trainers}) != 1:
             raise _Unsupported("the trainers use different loss functions")
         if any(True for _ in model.buffers()):
             raise _Unsupported("the model has buffers (e.g. BatchNorm running statistics)")
         if any(isinstance(m, nn.modules.dropout._DropoutNd) for m in model.modules()):
             raise _Unsupported("the model has dropout (random in train mode)")
-        state = _flat_module(model)
+        state = flat_module(model)
         if len(state.params) != len(state.tensors):
             raise _Unsupported("the model has frozen parameters")
         configs = [t.fit for t in tasks]
@@ -147,7 +151,8 @@ class VectorizedTransport:
     ) -> list[Reply]:
         start = time.perf_counter()
         try:
-            updates = _train_chunk(model, tasks, [self._trainer(t) for t in tasks], mu)
+            trainers = [self._trainer(t) for t in tasks]
+            updates = _train_chunk(model, tasks, trainers, mu, self._workspace)
         except Exception as exc:  # vmap or a loss that cannot be batched: run them one by one
             self._warn(f"the batched computation failed ({type(exc).__name__}: {exc})")
             return [self.pool.run(t, local) for t in tasks]
@@ -168,6 +173,24 @@ class VectorizedTransport:
         return trainer
 
 
+class _Workspace:
+    """Scratch tensors reused from chunk to chunk (and round to round), so the batched data of
+    every chunk is not written into freshly mapped memory (first-touch page faults cost about as
+    much as the copy itself). Never handed out: nothing that leaves `_train_chunk` lives here."""
+
+    def __init__(self) -> None:
+        self._tensors: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """An uninitialized tensor `name` of `shape` with `like`'s dtype and device."""
+        t = self._tensors.get(name)
+        numel = math.prod(shape)
+        if t is None or t.dtype != like.dtype or t.device != like.device or t.numel() < numel:
+            t = torch.empty(numel, dtype=like.dtype, device=like.device)
+            self._tensors[name] = t
+        return t[:numel].view(shape)
+
+
 def _per_example_loss(
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -183,7 +206,11 @@ def _per_example_loss(
 
 
 def _batches(
-    tasks: Sequence[Task], trainers: Sequence[TorchTrainer], epochs: int, batch: int
+    tasks: Sequence[Task],
+    trainers: Sequence[TorchTrainer],
+    epochs: int,
+    batch: int,
+    workspace: _Workspace,
 ) -> tuple[torch.Tensor, torch.Tensor, npt.NDArray[np.int64], list[int]]:
     """Every client's training data in the order `TorchTrainer.fit` visits it.
 
@@ -191,34 +218,127 @@ def _batches(
     `e * per_epoch[i] + j` is rows `[s * batch, (s + 1) * batch)`: batch j of epoch e of the
     seeded `randperm` order (a short last batch and the steps after a client's data ran out
     are zero padding); the number of real examples per step, `(steps, C)`; and each client's
-    batches per epoch.
+    batches per epoch. Two copies in all: the chunk's data is concatenated (plus one zero row
+    that padding points at), then gathered in one `index_select`.
     """
     sizes = [tr.num_train_examples for tr in trainers]
     per_epoch = [-(-n // batch) for n in sizes]
     steps = max(per_epoch) * epochs
-    x0, y0 = trainers[0]._x, trainers[0]._y
-    x = torch.empty((len(tasks), steps * batch, *x0.shape[1:]), dtype=x0.dtype, device=x0.device)
-    y = torch.empty((len(tasks), steps * batch, *y0.shape[1:]), dtype=y0.dtype, device=y0.device)
+    x0, y0 = trainers[0].train_data
+    rows = sum(sizes)  # the zero row's index
+    pooled_x = workspace.get("pooled_x", (rows + 1, *x0.shape[1:]), x0)
+    pooled_y = workspace.get("pooled_y", (rows + 1, *y0.shape[1:]), y0)
+    torch.cat([tr.train_data[0] for tr in trainers], out=pooled_x[:rows])
+    torch.cat([tr.train_data[1] for tr in trainers], out=pooled_y[:rows])
+    pooled_x[rows].zero_()  # padding must be finite: its loss is weighted by 0, not skipped
+    pooled_y[rows].zero_()
+    index = np.full((len(tasks), steps * batch), rows, dtype=np.int64)
     counts = np.zeros((len(tasks), steps), dtype=np.int64)
-    for i, (task, tr) in enumerate(zip(tasks, trainers, strict=True)):
+    offset = 0
+    for i, (task, n) in enumerate(zip(tasks, sizes, strict=True)):
         assert task.fit is not None
-        n, span = sizes[i], per_epoch[i] * batch
+        span = per_epoch[i] * batch
         gen = torch.Generator().manual_seed(task.fit.seed)
         for e in range(epochs):
-            perm = torch.randperm(n, generator=gen).to(x0.device)
-            torch.index_select(tr._x, 0, perm, out=x[i, e * span : e * span + n])
-            torch.index_select(tr._y, 0, perm, out=y[i, e * span : e * span + n])
-            if n < span:  # padding must be finite: its loss is weighted by 0, not skipped
-                x[i, e * span + n : (e + 1) * span].zero_()
-                y[i, e * span + n : (e + 1) * span].zero_()
-        if epochs * span < x.shape[1]:
-            x[i, epochs * span :].zero_()
-            y[i, epochs * span :].zero_()
+            index[i, e * span : e * span + n] = torch.randperm(n, generator=gen).numpy() + offset
+        offset += n
         full, tail = divmod(n, batch)
         row = np.full(per_epoch[i], batch)
         row[full:] = tail
         counts[i, : epochs * per_epoch[i]] = np.tile(row, epochs)
+    flat_index = torch.from_numpy(index.reshape(-1)).to(x0.device)
+    x = workspace.get("x", (len(tasks), steps * batch, *x0.shape[1:]), x0)
+    y = workspace.get("y", (len(tasks), steps * batch, *y0.shape[1:]), y0)
+    torch.index_select(pooled_x, 0, flat_index, out=x.view(-1, *x0.shape[1:]))
+    torch.index_select(pooled_y, 0, flat_index, out=y.view(-1, *y0.shape[1:]))
     return x, y, counts.T, per_epoch
+
+
+#: Elementwise activations the hand-derived MLP step knows, with their derivative expressed
+#: through their output (None: the identity).
+_ACTIVATIONS: dict[type[nn.Module], Callable[[torch.Tensor], torch.Tensor] | None] = {
+    nn.ReLU: lambda out: out > 0,
+    nn.Tanh: lambda out: 1 - out * out,
+    nn.Sigmoid: lambda out: out * (1 - out),
+    nn.Identity: None,
+}
+_FORWARD: dict[type[nn.Module], Callable[[torch.Tensor], torch.Tensor]] = {
+    nn.ReLU: torch.relu,
+    nn.Tanh: torch.tanh,
+    nn.Sigmoid: torch.sigmoid,
+    nn.Identity: lambda h: h,
+}
+
+
+@dataclass(frozen=True)
+class _Linear:
+    """An `nn.Linear` layer of an MLP plan: the keys of its weight and bias."""
+
+    weight: str
+    bias: str | None
+
+
+def _mlp_plan(model: nn.Module, keys: Sequence[str]) -> list[_Linear | type[nn.Module]] | None:
+    """The layers of `model` (`_Linear`, or an activation type of `_ACTIVATIONS`) if it is an
+    `nn.Sequential` of `nn.Linear` and those activations (an MLP or a linear model), else None."""
+    if not isinstance(model, nn.Sequential) or len(model) == 0:
+        return None
+    plan: list[_Linear | type[nn.Module]] = []
+    for name, layer in model.named_children():
+        if type(layer) is nn.Linear:
+            bias = f"{name}.bias" if layer.bias is not None else None
+            if f"{name}.weight" not in keys or (bias is not None and bias not in keys):
+                return None
+            plan.append(_Linear(f"{name}.weight", bias))
+        elif type(layer) in _ACTIVATIONS:
+            plan.append(type(layer))
+        else:
+            return None
+    return plan
+
+
+def _mlp_step(
+    plan: Sequence[_Linear | type[nn.Module]],
+    params: dict[str, torch.Tensor],
+    xb: torch.Tensor,
+    yb: torch.Tensor,
+    wb: torch.Tensor,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """What `vmap(grad_and_value(loss_fn))` returns for an MLP with cross-entropy, derived by
+    hand: for `(C, B, in)` inputs and `(C, B)` labels and loss weights, the gradients of
+    `sum_b wb * nll` per client and that loss `(C,)`. Batched matmuls and no autograd graph:
+    one MNIST 784-32-10 step takes about 0.7x the time of the vmapped autograd step."""
+    outs = [xb]  # the input of layer i is outs[i]
+    h = xb
+    for layer in plan:
+        if isinstance(layer, _Linear):
+            weight = params[layer.weight].transpose(1, 2)
+            if layer.bias is None:
+                h = torch.bmm(h, weight)
+            else:
+                h = torch.baddbmm(params[layer.bias].unsqueeze(1), h, weight)
+        else:
+            h = _FORWARD[layer](h)
+        outs.append(h)
+    logp = h.log_softmax(-1)
+    loss = -(logp.gather(-1, yb[..., None])[..., 0] * wb).sum(1)
+    g = logp.exp_()  # d loss / d logits = wb * (softmax - one_hot(y))
+    g.scatter_add_(-1, yb[..., None], torch.full_like(g[..., :1], -1.0))
+    g.mul_(wb[..., None])
+    grads: dict[str, torch.Tensor] = {}
+    for i in range(len(plan) - 1, -1, -1):
+        layer = plan[i]
+        if isinstance(layer, _Linear):
+            grads[layer.weight] = torch.bmm(g.transpose(1, 2), outs[i])
+            if layer.bias is not None:
+                grads[layer.bias] = g.sum(1)
+            if i > 0:
+                g = torch.bmm(g, params[layer.weight])
+        else:
+            derivative = _ACTIVATIONS[layer]
+            if derivative is not None:
+                g = g * derivative(outs[i + 1])
+    return grads, loss
 
 
 def _per_row(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -227,17 +347,21 @@ def _per_row(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def _train_chunk(
-    model: nn.Module, tasks: Sequence[Task], trainers: Sequence[TorchTrainer], mu: float
+    model: nn.Module,
+    tasks: Sequence[Task],
+    trainers: Sequence[TorchTrainer],
+    mu: float,
+    workspace: _Workspace,
 ) -> list[Update]:
     """Train the chunk's clients in lockstep; the `Update` each `TorchTrainer.fit` would give."""
     config = tasks[0].fit
     assert config is not None
-    state = _flat_module(model)
+    state = flat_module(model)
     dtype, device = state.flat.dtype, state.flat.device
     epochs, batch, lr, c = config.epochs, config.batch_size, config.learning_rate, len(tasks)
     names = {id(p): name for name, p in model.named_parameters()}
     keys = [names[id(p)] for p in state.params]
-    per_example = _per_example_loss(trainers[0]._loss)
+    per_example = _per_example_loss(trainers[0].loss)
 
     def loss_fn(
         params: dict[str, torch.Tensor], xb: torch.Tensor, yb: torch.Tensor, wb: torch.Tensor
@@ -245,10 +369,10 @@ def _train_chunk(
         out = functional_call(model, params, (xb,))
         return (per_example(out, yb) * wb).sum()
 
-    step_fn = vmap(grad_and_value(loss_fn))
-
     sizes = [tr.num_train_examples for tr in trainers]
-    x, y, counts, per_epoch = _batches(tasks, trainers, epochs, batch)
+    x, y, counts, per_epoch = _batches(tasks, trainers, epochs, batch, workspace)
+    mlp = _mlp_plan(model, keys) if trainers[0].loss is F.cross_entropy and x.dim() == 3 else None
+    step_fn = vmap(grad_and_value(loss_fn)) if mlp is None else partial(_mlp_step, mlp)
     steps = len(counts)
     # Per-example loss weights: 1 / (real examples in the batch), 0 on padding.
     real = np.arange(batch)[None, None, :] < counts[:, :, None]
@@ -265,7 +389,10 @@ def _train_chunk(
     else:
         flat0 = torch.from_numpy(np.stack([t.params.flat for t in tasks])).to(device, dtype)
     w0 = [flat0[:, a:b].reshape(c, *shape) for a, b, shape in state.spans]
-    w = list(w0)  # the first step writes new tensors; later steps update them in place
+    # The clients' weights: one contiguous (c, P) tensor trained in place, the deltas at the end.
+    w_flat = torch.empty(flat0.shape, dtype=dtype, device=device).copy_(flat0)  # not clone:
+    # cloning the expanded (stride 0) `flat0` measured 5x slower than this copy
+    w = [w_flat[:, a:b].view(c, *shape) for a, b, shape in state.spans]
     extra: list[torch.Tensor] | None = None  # gradient correction, as one (c, P) tensor
     if any(t.fit is not None and t.fit.gradient_correction is not None for t in tasks):
         rows = [
@@ -293,15 +420,9 @@ def _train_chunk(
             torch._foreach_add_(grads, torch._foreach_mul(w, [_per_row(decay, g) for g in grads]))
         if not all_alive[s]:
             torch._foreach_mul_(grads, [_per_row(alive[s], g) for g in grads])
-        if s == 0:
-            w = list(torch._foreach_add(w0, grads, alpha=-lr))
-        else:
-            torch._foreach_add_(w, grads, alpha=-lr)
+        torch._foreach_add_(w, grads, alpha=-lr)
     loss_sums = (torch.stack(losses).double() * counted).sum(0)
-    deltas = torch.empty(flat0.shape, dtype=dtype, device=device)
-    for v, v0, (a, b, shape) in zip(w, w0, state.spans, strict=True):
-        torch.sub(v, v0, out=deltas[:, a:b].view(c, *shape))
-    deltas_np = deltas.cpu().numpy()
+    deltas_np = w_flat.sub_(flat0).cpu().numpy()
     train_loss = (loss_sums.cpu() / torch.tensor(sizes, dtype=torch.float64)).tolist()
     updates = []
     for i, task in enumerate(tasks):
