@@ -3,10 +3,11 @@
 1000 IID MNIST clients of 60 examples, 100 per round, MLP 784-32-10, E=1, B=20, lr=0.1, FedAvg.
 Median seconds per round of (1) the floor (`bench/core_runtimes.py`: a plain sequential PyTorch
 loop, one thread), (2) fedloom in-process sequential (`workers=1`, one thread), (3) fedloom
-`VectorizedTransport` with one torch thread and (4) with two; plus the test accuracy each
-reaches. Every fedloom pass is interleaved round by round with the floor (the floor runs the
-same round off fedloom's clock, always on one thread), ratios are medians of per-round ratios,
-and the first round of every pass is a warm-up and dropped (as in `bench/core.py`).
+`VectorizedTransport` on one thread and (4) on two threads that each run half of the round's
+clients (`threads=2`, one torch thread each); plus the test accuracy each runtime reaches.
+Every fedloom pass is interleaved round by round with the floor (the floor runs the same round
+off fedloom's clock, always on one thread), ratios are medians of per-round ratios, and the
+first round of every pass is a warm-up and dropped (as in `bench/core.py`).
 
 Run (timed runs hold the shared lock): `flock /tmp/fedloom-bench.lock python bench/vectorized.py
 [--rounds N]`.
@@ -45,7 +46,9 @@ from fedloom.runtime.federation import RoundResult  # noqa: E402
 from fedloom.runtime.vectorized import VectorizedTransport  # noqa: E402
 
 
-def vectorized_run(setup: Setup, rounds: int, between: Callable[[int], None]) -> Run:
+def vectorized_run(
+    setup: Setup, rounds: int, between: Callable[[int], None], threads: int = 1
+) -> Run:
     """FedAvg over `VectorizedTransport`, timed like `core_runtimes.fedloom_run`."""
     times: list[float] = []
     last = 0.0
@@ -56,7 +59,7 @@ def vectorized_run(setup: Setup, rounds: int, between: Callable[[int], None]) ->
         between(result.record.round)
         last = time.perf_counter()
 
-    transport = VectorizedTransport(ClientPool(setup.trainers))
+    transport = VectorizedTransport(ClientPool(setup.trainers), threads=threads)
     settings = setup.workload.settings(rounds)
     with Federation(FedAvg(), transport, list(setup.trainers), settings, on_round=on_round) as fed:
         last = time.perf_counter()
@@ -84,19 +87,14 @@ def main() -> None:
         floor = Floor(setup)
         floor_times: list[float] = []
 
-        def step(
-            number: int, floor: Floor = floor, out: list[float] = floor_times, n: int = threads
-        ) -> None:
-            torch.set_num_threads(1)
+        def step(number: int, floor: Floor = floor, out: list[float] = floor_times) -> None:
             out.append(floor.step(number))
-            torch.set_num_threads(n)
 
-        torch.set_num_threads(threads)
+        torch.set_num_threads(1)  # the vectorized threads run chunks, one torch thread each
         if key == "w1":
             run = fedloom_run(setup, rounds, 1, between=step)
         else:
-            run = vectorized_run(setup, rounds, step)
-        torch.set_num_threads(1)
+            run = vectorized_run(setup, rounds, step, threads)
         times[key] = run.times[1:]
         ratios[key] = [a / f for a, f in zip(run.times[1:], floor_times[1:], strict=True)]
         floor_all += floor_times[1:]
@@ -108,8 +106,8 @@ def main() -> None:
     labels = {
         "floor": "floor: plain PyTorch loop, 1 thread",
         "w1": "fedloom sequential `workers=1`, 1 thread",
-        "vec1": "fedloom `VectorizedTransport`, 1 thread",
-        "vec2": "fedloom `VectorizedTransport`, 2 threads",
+        "vec1": "fedloom `vectorized=True`, 1 thread",
+        "vec2": "fedloom `vectorized=True, workers=2` (2 threads)",
     }
     print("| runtime | median ms/round | IQR (ms) | speedup vs floor | test acc. |")
     print("| --- | --- | --- | --- | --- |")

@@ -81,13 +81,26 @@ def test_same_params_as_sequential(strategy: object, kind: str) -> None:
     trainers = _trainers(_model(kind))
     init = trainers["c0"].initial_params()  # before training: the module holds the last load
     seq = _final(InProcessTransport(ClientPool(trainers)), trainers, strategy, init)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no fallback allowed here
-        vec = _final(
-            VectorizedTransport(ClientPool(trainers), chunk_size=3), trainers, strategy, init
-        )
+    finals = []
+    for threads in (1, 2):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no fallback allowed here
+            transport = VectorizedTransport(ClientPool(trainers), chunk_size=3, threads=threads)
+            finals.append(_final(transport, trainers, strategy, init))
     assert np.abs(seq.flat - init.flat).max() > 1e-2  # training moved the model
-    np.testing.assert_allclose(vec.flat, seq.flat, atol=1e-5)
+    np.testing.assert_allclose(finals[0].flat, seq.flat, atol=1e-5)
+    np.testing.assert_array_equal(finals[1].flat, finals[0].flat)  # threads change timing only
+
+
+def test_threads_restore_torch_threads_and_stop() -> None:
+    trainers = _trainers(_mlp())
+    before = torch.get_num_threads()
+    transport = VectorizedTransport(ClientPool(trainers), threads=2)
+    _final(transport, trainers, FedAvg(), trainers["c0"].initial_params())
+    assert torch.get_num_threads() == before
+    transport.close()
+    with pytest.raises(RuntimeError, match="shutdown"):
+        transport._executor.submit(print)  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize("kind", MODELS)

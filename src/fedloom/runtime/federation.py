@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -190,21 +191,22 @@ class Federation:
         **options: Any,
     ) -> Federation:
         """A federation of simulated clients in this machine: `workers=1` runs them in this
-        process, `workers=N` in N forked processes, `workers=0` one process per core;
-        `vectorized=True` trains a round's clients in lockstep as one batched PyTorch
-        computation (small models; anything else falls back with a warning).
+        process, `workers=N` in N forked processes, `workers=0` one process per core.
+        `vectorized=True` trains a round's clients in lockstep as batched PyTorch computations
+        in this process (small models; anything else falls back with a warning), then
+        `workers` is the number of threads that run chunks of clients at once.
         `options` are the keyword arguments of the constructor."""
         from fedloom.runtime.processes import ProcessTransport
         from fedloom.runtime.transport import InProcessTransport
 
         pool = ClientPool(trainers)
         transport: Transport
+        if workers < 0:
+            raise ValueError(f"workers must be >= 0, got {workers}")
         if vectorized:
-            if workers != 1:
-                raise ValueError("vectorized=True runs in this process: leave workers at 1")
             from fedloom.runtime.vectorized import VectorizedTransport
 
-            transport = VectorizedTransport(pool)
+            transport = VectorizedTransport(pool, threads=workers or os.cpu_count() or 1)
         elif workers == 1:
             transport = InProcessTransport(pool)
         else:
