@@ -49,6 +49,25 @@ def test_mnist_2nn_from_config() -> None:
     assert history[-1]["accuracy"] > 0.8
 
 
+def test_shakespeare_lstm_from_config_trains() -> None:
+    """Integer character windows reach the LSTM's embedding as indices (not floats)."""
+    raw: dict[str, dict[str, object]] = {
+        "data": {"dataset": "shakespeare", "partition": "natural", "max_clients": 2},
+        "model": {"kind": "lstm"},
+        "federation": {"rounds": 1, "fraction_fit": 1.0, "batch_size": 64, "epochs": 1},
+    }
+    clients = load_clients(parse_config(raw).data, 0)
+    for cid, (train, test) in list(clients.parts.items()):  # keep the test quick
+        clients.parts[cid] = (train.subset(range(256)), test.subset(range(min(64, len(test)))))
+    config = parse_config(raw)
+    trainers, initial, evaluate = build_trainers(config.model, clients)
+    strategy = build_strategy(config.strategy, len(trainers))
+    with Federation.simulation(strategy, trainers, config.federation, evaluate_fn=evaluate) as f:
+        (record,) = f.run(initial).history
+    assert record.rejections == () and record.num_accepted == 2
+    assert 0 < record.metrics["train_loss"] < 10  # about ln(80) = 4.4 at the start
+
+
 def test_reference_models_have_the_published_sizes() -> None:
     from fedloom import models
 

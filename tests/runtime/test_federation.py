@@ -57,6 +57,21 @@ def test_too_few_valid_updates_retries_then_fails_clearly() -> None:
         run(trainers, Settings(rounds=1, fraction_fit=1.0, min_fit_clients=2, max_retries=2))
 
 
+def test_a_discarded_attempt_leaves_no_client_state_behind() -> None:
+    """SCAFFOLD's invariant c == mean(c_i) (full participation from zero) survives a retry:
+    the clients that trained in the discarded attempt get their old c_i back."""
+    trainers = federation_of(4, modes={3: "flaky"})
+    transport = InProcessTransport(ClientPool(trainers))
+    settings = Settings(rounds=2, fraction_fit=1.0, min_fit_clients=4, max_retries=1)
+    with Federation(Scaffold(num_clients=4), transport, list(trainers), settings) as fed:
+        result = fed.run(initial())
+    assert [r.num_accepted for r in result.history] == [4, 4]
+    assert result.history[0].rejections[0].client_id == "c03"  # the retry really happened
+    states = transport.client_states()
+    mean_ci = np.mean([states[cid]["control"].flat for cid in trainers], axis=0)
+    np.testing.assert_allclose(result.state.slots["control"].flat, mean_ci, atol=1e-6)
+
+
 def test_unavailable_clients_are_never_selected() -> None:
     trainers = federation_of(10)
     seen: set[str] = set()

@@ -30,6 +30,9 @@ class Toy:
     def fit(self, params: Params, config: FitConfig) -> Update:
         if self.mode == "raise":
             raise RuntimeError("disk on fire")
+        if self.mode == "flaky":  # fails its first task only
+            self.mode = "ok"
+            raise RuntimeError("transient failure")
         rng = np.random.default_rng(config.seed)
         w = params.flat.astype(np.float64)
         steps = config.epochs * max(1, self.num_train_examples // config.batch_size)

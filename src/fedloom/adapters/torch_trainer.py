@@ -151,11 +151,17 @@ def load_into_module(module: nn.Module, params: Params) -> None:
 
 
 def _to_tensor(a: Data, dtype: torch.dtype, device: torch.device, what: str) -> torch.Tensor:
-    t = a.detach() if isinstance(a, torch.Tensor) else torch.as_tensor(np.asarray(a))
+    """Float data takes the model's `dtype`; integer data becomes int64 (class labels, or
+    token indices for an `nn.Embedding`). Read-only arrays (strided views) are copied."""
+    if isinstance(a, torch.Tensor):
+        t = a.detach()
+    else:
+        arr = np.asarray(a)
+        t = torch.from_numpy(arr if arr.flags.writeable else np.array(arr))
     if t.ndim == 0 or t.shape[0] == 0:
         raise ValueError(f"{what} is empty")
-    if what.endswith("y") and not t.is_floating_point():
-        dtype = torch.int64  # class labels; float targets (regression) take the model's dtype
+    if not t.is_floating_point():
+        dtype = torch.int64
     return t.to(device=device, dtype=dtype).contiguous()
 
 
@@ -164,8 +170,9 @@ class TorchTrainer:
 
     Args:
         model: the module; may be shared by many trainers (see the module docstring).
-        train: `(x, y)`; x becomes the model's float dtype, integer y becomes int64 labels,
-            float y keeps the model's dtype. Converted to tensors on the model's device once.
+        train: `(x, y)`; float x and y take the model's float dtype, integer x and y become
+            int64 (labels; token indices for an `nn.Embedding`, so convert integer images to
+            float first). Converted to tensors on the model's device once.
         test: optional `(x, y)` for `evaluate`.
         loss: `loss(outputs, targets) -> mean loss over the batch`; default cross-entropy.
         optimizer: only `"sgd"`.

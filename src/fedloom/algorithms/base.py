@@ -73,7 +73,8 @@ class LocalAlgorithm(Protocol):
         broadcast: dict[str, Params],
         state: ClientState,
     ) -> Update:
-        """Train from `params`; may read and replace entries of the client's `state`."""
+        """Train from `params`; may read `state` and replace its entries (assign new values,
+        never modify a stored value in place: a discarded attempt restores the old entries)."""
         ...
 
 
