@@ -1,5 +1,7 @@
 """Config-driven runs on the real datasets (short, fixed seeds), and the reference models."""
 
+from dataclasses import replace
+
 import torch
 
 from fedloom.config import parse_config
@@ -54,11 +56,12 @@ def test_shakespeare_lstm_from_config_trains() -> None:
     raw: dict[str, dict[str, object]] = {
         "data": {"dataset": "shakespeare", "partition": "natural", "max_clients": 2},
         "model": {"kind": "lstm"},
-        "federation": {"rounds": 1, "fraction_fit": 1.0, "batch_size": 64, "epochs": 1},
+        "federation": {"rounds": 1, "fraction_fit": 1.0, "batch_size": 32, "epochs": 1},
     }
     clients = load_clients(parse_config(raw).data, 0)
     for cid, (train, test) in list(clients.parts.items()):  # keep the test quick
-        clients.parts[cid] = (train.subset(range(256)), test.subset(range(min(64, len(test)))))
+        clients.parts[cid] = (train.subset(range(64)), test.subset(range(min(32, len(test)))))
+    clients = replace(clients, test=clients.test.subset(range(64)))
     config = parse_config(raw)
     trainers, initial, evaluate = build_trainers(config.model, clients)
     strategy = build_strategy(config.strategy, len(trainers))
