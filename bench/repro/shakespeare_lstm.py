@@ -24,11 +24,10 @@ import time
 import numpy as np
 import torch
 
-from fedloom import EvalConfig, FedAvg, Federation, Settings
+from fedloom import EvalConfig, FedAvg, Federation, RoundResult, Settings
 from fedloom.adapters import TorchTrainer
 from fedloom.data import ALL_LETTERS, ArrayDataset, load_shakespeare
 from fedloom.models import CharLSTM
-from fedloom.runtime.federation import RoundResult
 
 
 def subset(

@@ -21,7 +21,13 @@ from fedloom.algorithms import (
 )
 from fedloom.core import EvalConfig, Evaluation, FitConfig, Params, Trainer, Update
 from fedloom.runtime.client import ClientPool
-from fedloom.runtime.federation import Federation, RoundFailed, RunResult, Settings
+from fedloom.runtime.federation import (
+    Federation,
+    RoundFailed,
+    RoundResult,
+    RunResult,
+    Settings,
+)
 from fedloom.runtime.processes import ProcessTransport
 from fedloom.runtime.transport import InProcessTransport, Transport
 
@@ -44,6 +50,7 @@ __all__ = [
     "Params",
     "ProcessTransport",
     "RoundFailed",
+    "RoundResult",
     "RunResult",
     "Scaffold",
     "ServerState",

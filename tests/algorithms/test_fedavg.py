@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from fedloom.algorithms import Aggregate, FedAvg, PlainLocal
 from fedloom.core.params import Params
@@ -70,3 +71,9 @@ def test_defaults_and_broadcast() -> None:
     strategy = FedAvg()
     assert isinstance(strategy.local, PlainLocal)
     assert strategy.broadcast(strategy.init(vec(0.0))) == {}
+
+
+@pytest.mark.parametrize("server_lr", [0.0, -1.0, float("nan"), float("inf")])
+def test_bad_server_lr_is_refused(server_lr: float) -> None:
+    with pytest.raises(ValueError, match="server_lr must be a finite number > 0"):
+        FedAvg(server_lr=server_lr)
