@@ -169,13 +169,13 @@ def test_momentum_falls_back() -> None:
 
 
 def test_mlp_plan_covers_only_plain_mlps() -> None:
-    from fedloom.runtime.vectorized import _Linear, _mlp_plan
+    from fedloom.runtime.lockstep import Linear, mlp_plan
 
     keys = ["0.weight", "0.bias", "2.weight", "2.bias"]
-    assert _mlp_plan(_mlp(), keys) == [
-        _Linear("0.weight", "0.bias"),
+    assert mlp_plan(_mlp(), keys) == [
+        Linear("0.weight", "0.bias"),
         nn.ReLU,
-        _Linear("2.weight", "2.bias"),
+        Linear("2.weight", "2.bias"),
     ]
-    assert _mlp_plan(_Wrapped(_mlp()), keys) is None
-    assert _mlp_plan(nn.Sequential(nn.Linear(6, 8), nn.GELU()), keys[:2]) is None
+    assert mlp_plan(_Wrapped(_mlp()), keys) is None
+    assert mlp_plan(nn.Sequential(nn.Linear(6, 8), nn.GELU()), keys[:2]) is None

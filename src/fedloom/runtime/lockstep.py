@@ -1,0 +1,310 @@
+"""The batched computation behind `VectorizedTransport`: a chunk of clients trained in
+lockstep, one row of weights per client.
+
+`train_chunk` gives, for every client of a chunk, the `Update` that `TorchTrainer.fit` would
+give (up to float rounding): the same seeded `randperm` batches, plain SGD with the FedProx,
+gradient-correction and weight-decay terms, clients with fewer batches masked once their data
+runs out. Gradients come from `torch.func` (`functional_call` + `grad_and_value` + `vmap`) or,
+for an `nn.Sequential` MLP with cross-entropy, from a hand-derived batched backward
+(`mlp_step`) that also fuses plain SGD into the weight-gradient matmuls. Pure functions of their
+inputs apart from the scratch `Workspace`; nothing here is thread-unsafe except sharing one
+`Workspace` or running `functional_call` on one module from two threads.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch import nn
+from torch.func import functional_call, grad_and_value, vmap
+from torch.nn import functional as F
+
+from fedloom.adapters.torch_trainer import TorchTrainer, flat_module
+from fedloom.core.types import Task, Update
+
+
+class Workspace:
+    """Scratch tensors reused from chunk to chunk (and round to round), so the batched data of
+    every chunk is not written into freshly mapped memory (first-touch page faults cost about as
+    much as the copy itself). Never handed out: nothing that leaves `train_chunk` lives here."""
+
+    def __init__(self) -> None:
+        self._tensors: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """An uninitialized tensor `name` of `shape` with `like`'s dtype and device."""
+        t = self._tensors.get(name)
+        numel = math.prod(shape)
+        if t is None or t.dtype != like.dtype or t.device != like.device or t.numel() < numel:
+            t = torch.empty(numel, dtype=like.dtype, device=like.device)
+            self._tensors[name] = t
+        return t[:numel].view(shape)
+
+
+def _per_example_loss(
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """`(outputs, targets) -> (n,)` losses of a batch-mean loss function."""
+    if loss is F.cross_entropy:  # class labels: nll of log_softmax, as F.cross_entropy does
+        return lambda out, y: -out.log_softmax(-1).gather(-1, y[..., None])[..., 0]
+
+    def one(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return loss(o[None], t[None])
+
+    per: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = vmap(one)
+    return per
+
+
+def _batches(
+    tasks: Sequence[Task],
+    trainers: Sequence[TorchTrainer],
+    epochs: int,
+    batch: int,
+    workspace: Workspace,
+) -> tuple[torch.Tensor, torch.Tensor, npt.NDArray[np.int64], list[int]]:
+    """Every client's training data in the order `TorchTrainer.fit` visits it.
+
+    Returns `x` of shape `(C, steps * batch, ...)` and `y` likewise, where client i's step
+    `e * per_epoch[i] + j` is rows `[s * batch, (s + 1) * batch)`: batch j of epoch e of the
+    seeded `randperm` order (a short last batch and the steps after a client's data ran out
+    are zero padding); the number of real examples per step, `(steps, C)`; and each client's
+    batches per epoch. Two copies in all: the chunk's data is concatenated (plus one zero row
+    that padding points at), then gathered in one `index_select`.
+    """
+    sizes = [tr.num_train_examples for tr in trainers]
+    per_epoch = [-(-n // batch) for n in sizes]
+    steps = max(per_epoch) * epochs
+    x0, y0 = trainers[0].train_data
+    rows = sum(sizes)  # the zero row's index
+    pooled_x = workspace.get("pooled_x", (rows + 1, *x0.shape[1:]), x0)
+    pooled_y = workspace.get("pooled_y", (rows + 1, *y0.shape[1:]), y0)
+    torch.cat([tr.train_data[0] for tr in trainers], out=pooled_x[:rows])
+    torch.cat([tr.train_data[1] for tr in trainers], out=pooled_y[:rows])
+    pooled_x[rows].zero_()  # padding must be finite: its loss is weighted by 0, not skipped
+    pooled_y[rows].zero_()
+    index = np.full((len(tasks), steps * batch), rows, dtype=np.int64)
+    counts = np.zeros((len(tasks), steps), dtype=np.int64)
+    offset = 0
+    for i, (task, n) in enumerate(zip(tasks, sizes, strict=True)):
+        assert task.fit is not None
+        span = per_epoch[i] * batch
+        gen = torch.Generator().manual_seed(task.fit.seed)
+        for e in range(epochs):
+            index[i, e * span : e * span + n] = torch.randperm(n, generator=gen).numpy() + offset
+        offset += n
+        full, tail = divmod(n, batch)
+        row = np.full(per_epoch[i], batch)
+        row[full:] = tail
+        counts[i, : epochs * per_epoch[i]] = np.tile(row, epochs)
+    flat_index = torch.from_numpy(index.reshape(-1)).to(x0.device)
+    x = workspace.get("x", (len(tasks), steps * batch, *x0.shape[1:]), x0)
+    y = workspace.get("y", (len(tasks), steps * batch, *y0.shape[1:]), y0)
+    torch.index_select(pooled_x, 0, flat_index, out=x.view(-1, *x0.shape[1:]))
+    torch.index_select(pooled_y, 0, flat_index, out=y.view(-1, *y0.shape[1:]))
+    return x, y, counts.T, per_epoch
+
+
+#: Elementwise activations the hand-derived MLP step knows, with their derivative expressed
+#: through their output (None: the identity).
+_ACTIVATIONS: dict[type[nn.Module], Callable[[torch.Tensor], torch.Tensor] | None] = {
+    nn.ReLU: lambda out: out > 0,
+    nn.Tanh: lambda out: 1 - out * out,
+    nn.Sigmoid: lambda out: out * (1 - out),
+    nn.Identity: None,
+}
+_FORWARD: dict[type[nn.Module], Callable[[torch.Tensor], torch.Tensor]] = {
+    nn.ReLU: torch.relu,
+    nn.Tanh: torch.tanh,
+    nn.Sigmoid: torch.sigmoid,
+    nn.Identity: lambda h: h,
+}
+
+
+@dataclass(frozen=True)
+class Linear:
+    """An `nn.Linear` layer of an MLP plan: the keys of its weight and bias."""
+
+    weight: str
+    bias: str | None
+
+
+def mlp_plan(model: nn.Module, keys: Sequence[str]) -> list[Linear | type[nn.Module]] | None:
+    """The layers of `model` (`Linear`, or an activation type of `_ACTIVATIONS`) if it is an
+    `nn.Sequential` of `nn.Linear` and those activations (an MLP or a linear model), else None."""
+    if not isinstance(model, nn.Sequential) or len(model) == 0:
+        return None
+    plan: list[Linear | type[nn.Module]] = []
+    for name, layer in model.named_children():
+        if type(layer) is nn.Linear:
+            bias = f"{name}.bias" if layer.bias is not None else None
+            if f"{name}.weight" not in keys or (bias is not None and bias not in keys):
+                return None
+            plan.append(Linear(f"{name}.weight", bias))
+        elif type(layer) in _ACTIVATIONS:
+            plan.append(type(layer))
+        else:
+            return None
+    return plan
+
+
+def mlp_step(
+    plan: Sequence[Linear | type[nn.Module]],
+    params: dict[str, torch.Tensor],
+    xb: torch.Tensor,
+    yb: torch.Tensor,
+    wb: torch.Tensor,
+    sgd_lr: float | None = None,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """What `vmap(grad_and_value(loss_fn))` returns for an MLP with cross-entropy, derived by
+    hand: for `(C, B, in)` inputs and `(C, B)` labels and loss weights, the gradients of
+    `sum_b wb * nll` per client and that loss `(C,)`. Batched matmuls and no autograd graph:
+    one MNIST 784-32-10 step takes about 0.7x the time of the vmapped autograd step.
+
+    With `sgd_lr`, instead of returning gradients (the dict is empty) it applies the plain SGD
+    step `w -= sgd_lr * grad` to `params` in place, each weight inside its gradient's matmul."""
+    outs = [xb]  # the input of layer i is outs[i]
+    h = xb
+    for layer in plan:
+        if isinstance(layer, Linear):
+            weight = params[layer.weight].transpose(1, 2)
+            if layer.bias is None:
+                h = torch.bmm(h, weight)
+            else:
+                h = torch.baddbmm(params[layer.bias].unsqueeze(1), h, weight)
+        else:
+            h = _FORWARD[layer](h)
+        outs.append(h)
+    logp = h.log_softmax(-1)
+    loss = -(logp.gather(-1, yb[..., None])[..., 0] * wb).sum(1)
+    g = logp.exp_()  # d loss / d logits = wb * (softmax - one_hot(y))
+    g.scatter_add_(-1, yb[..., None], torch.full_like(g[..., :1], -1.0))
+    g.mul_(wb[..., None])
+    grads: dict[str, torch.Tensor] = {}
+    for i in range(len(plan) - 1, -1, -1):
+        layer = plan[i]
+        if isinstance(layer, Linear):
+            weight = params[layer.weight]
+            g_in = torch.bmm(g, weight) if i > 0 else None  # with the weights before the step
+            if sgd_lr is None:
+                grads[layer.weight] = torch.bmm(g.transpose(1, 2), outs[i])
+                if layer.bias is not None:
+                    grads[layer.bias] = g.sum(1)
+            else:  # the step itself, fused into the gradient's matmul
+                weight.baddbmm_(g.transpose(1, 2), outs[i], alpha=-sgd_lr)
+                if layer.bias is not None:
+                    params[layer.bias].add_(g.sum(1), alpha=-sgd_lr)
+            if g_in is not None:
+                g = g_in
+        else:
+            derivative = _ACTIVATIONS[layer]
+            if derivative is not None:
+                g = g * derivative(outs[i + 1])
+    return grads, loss
+
+
+def _per_row(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`v` of shape `(C,)` viewed to broadcast over `like` of shape `(C, ...)`."""
+    return v.view(-1, *[1] * (like.dim() - 1))
+
+
+def train_chunk(
+    model: nn.Module,
+    replica: nn.Module,
+    tasks: Sequence[Task],
+    trainers: Sequence[TorchTrainer],
+    mu: float,
+    workspace: Workspace,
+) -> list[Update]:
+    """Train the chunk's clients in lockstep; the `Update` each `TorchTrainer.fit` would give."""
+    config = tasks[0].fit
+    assert config is not None
+    state = flat_module(model)
+    dtype, device = state.flat.dtype, state.flat.device
+    epochs, batch, lr, c = config.epochs, config.batch_size, config.learning_rate, len(tasks)
+    names = {id(p): name for name, p in model.named_parameters()}
+    keys = [names[id(p)] for p in state.params]
+    per_example = _per_example_loss(trainers[0].loss)
+
+    def loss_fn(
+        params: dict[str, torch.Tensor], xb: torch.Tensor, yb: torch.Tensor, wb: torch.Tensor
+    ) -> torch.Tensor:
+        out = functional_call(replica, params, (xb,))
+        return (per_example(out, yb) * wb).sum()
+
+    sizes = [tr.num_train_examples for tr in trainers]
+    x, y, counts, per_epoch = _batches(tasks, trainers, epochs, batch, workspace)
+    mlp = mlp_plan(model, keys) if trainers[0].loss is F.cross_entropy and x.dim() == 3 else None
+    step_fn = vmap(grad_and_value(loss_fn)) if mlp is None else partial(mlp_step, mlp)
+    steps = len(counts)
+    # Per-example loss weights: 1 / (real examples in the batch), 0 on padding.
+    real = np.arange(batch)[None, None, :] < counts[:, :, None]
+    weight = torch.from_numpy(real / np.maximum(counts, 1)[:, :, None]).to(device, dtype)
+    all_alive = [bool((row > 0).all()) for row in counts]
+    alive = torch.from_numpy(counts > 0).to(device, dtype)  # (steps, c)
+    last = np.arange(steps)[:, None] >= (epochs - 1) * np.array(per_epoch)[None, :]
+    counted = torch.from_numpy(np.where(last, counts, 0)).to(device, torch.float64)
+
+    # Global weights: one row per client (expanded, not copied, when all tasks share them).
+    first = tasks[0].params
+    if all(t.params is first for t in tasks):
+        flat0 = torch.from_numpy(np.asarray(first.flat)).to(device, dtype).expand(c, -1)
+    else:
+        flat0 = torch.from_numpy(np.stack([t.params.flat for t in tasks])).to(device, dtype)
+    w0 = [flat0[:, a:b].reshape(c, *shape) for a, b, shape in state.spans]
+    # The clients' weights, one contiguous (c, *shape) tensor per parameter, trained in place
+    # (in-place batched matmuls on views of one (c, P) buffer measured 1.5x slower). Not
+    # `clone()`: cloning the expanded (stride 0) `w0` measured 5x slower than `copy_`.
+    w = [torch.empty(v.shape, dtype=dtype, device=device).copy_(v) for v in w0]
+    extra: list[torch.Tensor] | None = None  # gradient correction, as one (c, P) tensor
+    if any(t.fit is not None and t.fit.gradient_correction is not None for t in tasks):
+        rows = [
+            np.zeros(flat0.shape[1])
+            if t.fit is None or t.fit.gradient_correction is None
+            else t.fit.gradient_correction.flat
+            for t in tasks
+        ]
+        corr = torch.from_numpy(np.stack(rows)).to(device, dtype)
+        extra = [corr[:, a:b].reshape(c, *shape) for a, b, shape in state.spans]
+    decay = torch.tensor([tr.weight_decay for tr in trainers], dtype=dtype, device=device)
+    has_decay = bool((decay > 0).any())
+    losses: list[torch.Tensor] = []
+    replica.train()
+    # Plain SGD on an MLP: the step is fused into the backward pass. A client whose data ran
+    # out has zero loss weights, so a zero gradient, and stays put without a mask.
+    fused = mlp is not None and mu == 0 and extra is None and not has_decay
+    for s in range(steps):
+        xb, yb = x[:, s * batch : (s + 1) * batch], y[:, s * batch : (s + 1) * batch]
+        if fused:
+            assert mlp is not None
+            losses.append(mlp_step(mlp, dict(zip(keys, w, strict=True)), xb, yb, weight[s], lr)[1])
+            continue
+        grads_d, loss = step_fn(dict(zip(keys, w, strict=True)), xb, yb, weight[s])
+        grads = [grads_d[k] for k in keys]
+        losses.append(loss)
+        if mu > 0:
+            torch._foreach_add_(grads, torch._foreach_sub(w, w0), alpha=mu)
+        if extra is not None:
+            torch._foreach_add_(grads, extra)
+        if has_decay:
+            torch._foreach_add_(grads, torch._foreach_mul(w, [_per_row(decay, g) for g in grads]))
+        if not all_alive[s]:
+            torch._foreach_mul_(grads, [_per_row(alive[s], g) for g in grads])
+        torch._foreach_add_(w, grads, alpha=-lr)
+    loss_sums = (torch.stack(losses).double() * counted).sum(0)
+    torch._foreach_sub_(w, w0)  # the deltas, then one row per client in `Params` order
+    deltas_np = torch.cat([v.reshape(c, -1) for v in w], dim=1).cpu().numpy()
+    train_loss = (loss_sums.cpu() / torch.tensor(sizes, dtype=torch.float64)).tolist()
+    updates = []
+    for i, task in enumerate(tasks):
+        flat = task.params.flat
+        delta = np.asarray(deltas_np[i], dtype=flat.dtype)
+        metrics = {"train_loss": float(train_loss[i])}
+        taken = epochs * per_epoch[i]
+        updates.append(Update(task.params.with_flat(delta), sizes[i], taken, metrics))
+    return updates
