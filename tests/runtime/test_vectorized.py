@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from fedloom.adapters.torch_trainer import TorchTrainer
 from fedloom.algorithms.base import PlainLocal
 from fedloom.core.params import Params
 from fedloom.core.types import EvalConfig, FitConfig, Task, TaskKind
+from fedloom.runtime import lockstep
 from fedloom.runtime.client import ClientPool
 from fedloom.runtime.transport import InProcessTransport, Transport
 from fedloom.runtime.vectorized import VectorizedTransport
@@ -77,19 +79,33 @@ def _final(
 
 @pytest.mark.parametrize("kind", MODELS)
 @pytest.mark.parametrize("strategy", [FedAvg(), FedProx(mu=0.5)], ids=["fedavg", "fedprox"])
-def test_same_params_as_sequential(strategy: object, kind: str) -> None:
+def test_same_params_as_sequential(
+    strategy: object, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hand_steps: list[int] = []
+    real_step = lockstep.mlp_step
+
+    def counting_step(*args: Any, **kwargs: Any) -> Any:
+        hand_steps.append(1)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(lockstep, "mlp_step", counting_step)
     trainers = _trainers(_model(kind))
     init = trainers["c0"].initial_params()  # before training: the module holds the last load
     seq = _final(InProcessTransport(ClientPool(trainers)), trainers, strategy, init)
     finals = []
-    for threads in (1, 2):
+    for threads, pool_limit in ((1, 2**31), (2, 2**31), (1, 0)):
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # no fallback allowed here
             transport = VectorizedTransport(ClientPool(trainers), chunk_size=3, threads=threads)
+            transport.max_pooled_bytes = pool_limit  # 0: gather from chunk-sized copies
             finals.append(_final(transport, trainers, strategy, init))
     assert np.abs(seq.flat - init.flat).max() > 1e-2  # training moved the model
     np.testing.assert_allclose(finals[0].flat, seq.flat, atol=1e-5)
-    np.testing.assert_array_equal(finals[1].flat, finals[0].flat)  # threads change timing only
+    assert bool(hand_steps) == (kind != "vmap")  # MLPs take the hand-derived step
+    # threads and where the data is gathered from change timing only
+    np.testing.assert_array_equal(finals[1].flat, finals[0].flat)
+    np.testing.assert_array_equal(finals[2].flat, finals[0].flat)
 
 
 def test_threads_restore_torch_threads_and_stop() -> None:

@@ -61,52 +61,78 @@ def _per_example_loss(
     return per
 
 
+class PooledData:
+    """The training data of many `TorchTrainer`s in one tensor pair, plus a trailing zero row
+    (what padding points at), so a chunk's batches are one `index_select` away. A transport
+    builds it once for all its clients: it costs a second copy of their training data."""
+
+    def __init__(self, trainers: Sequence[TorchTrainer]) -> None:
+        xs = [tr.train_data[0] for tr in trainers]
+        ys = [tr.train_data[1] for tr in trainers]
+        self.x = torch.cat([*xs, torch.zeros_like(xs[0][:1])])
+        self.y = torch.cat([*ys, torch.zeros_like(ys[0][:1])])
+        self.zero_row = len(self.x) - 1
+        self._where: dict[int, tuple[int, torch.Tensor]] = {}
+        offset = 0
+        for tr, x in zip(trainers, xs, strict=True):
+            self._where[id(tr)] = (offset, x)  # the tensor, to tell a new trainer at a reused id
+            offset += len(x)
+
+    def offsets(self, trainers: Sequence[TorchTrainer]) -> list[int] | None:
+        """Where each trainer's rows start, or None if one of them is not in here."""
+        out = []
+        for tr in trainers:
+            found = self._where.get(id(tr))
+            if found is None or found[1] is not tr.train_data[0]:
+                return None
+            out.append(found[0])
+        return out
+
+
 def _batches(
     tasks: Sequence[Task],
     trainers: Sequence[TorchTrainer],
     epochs: int,
     batch: int,
     workspace: Workspace,
+    pooled: PooledData | None,
 ) -> tuple[torch.Tensor, torch.Tensor, npt.NDArray[np.int64], list[int]]:
     """Every client's training data in the order `TorchTrainer.fit` visits it.
 
-    Returns `x` of shape `(C, steps * batch, ...)` and `y` likewise, where client i's step
-    `e * per_epoch[i] + j` is rows `[s * batch, (s + 1) * batch)`: batch j of epoch e of the
-    seeded `randperm` order (a short last batch and the steps after a client's data ran out
-    are zero padding); the number of real examples per step, `(steps, C)`; and each client's
-    batches per epoch. Two copies in all: the chunk's data is concatenated (plus one zero row
-    that padding points at), then gathered in one `index_select`.
+    Returns `x` of shape `(steps, C, batch, ...)` and `y` likewise, where `x[s, i]` is client
+    i's step `s = e * per_epoch[i] + j`: batch j of epoch e of the seeded `randperm` order (a
+    short last batch and the steps after a client's data ran out are zero padding), so each
+    step's input is contiguous; the number of real examples per step, `(steps, C)`; and each
+    client's batches per epoch. One `index_select` from `pooled` (a chunk-sized `PooledData`
+    is built first when `pooled` lacks one of the trainers).
     """
     sizes = [tr.num_train_examples for tr in trainers]
     per_epoch = [-(-n // batch) for n in sizes]
     steps = max(per_epoch) * epochs
-    x0, y0 = trainers[0].train_data
-    rows = sum(sizes)  # the zero row's index
-    pooled_x = workspace.get("pooled_x", (rows + 1, *x0.shape[1:]), x0)
-    pooled_y = workspace.get("pooled_y", (rows + 1, *y0.shape[1:]), y0)
-    torch.cat([tr.train_data[0] for tr in trainers], out=pooled_x[:rows])
-    torch.cat([tr.train_data[1] for tr in trainers], out=pooled_y[:rows])
-    pooled_x[rows].zero_()  # padding must be finite: its loss is weighted by 0, not skipped
-    pooled_y[rows].zero_()
-    index = np.full((len(tasks), steps * batch), rows, dtype=np.int64)
+    offsets = pooled.offsets(trainers) if pooled is not None else None
+    if pooled is None or offsets is None:
+        pooled = PooledData(trainers)
+        offsets = list(np.cumsum([0, *sizes[:-1]]))
+    index = np.full((len(tasks), steps * batch), pooled.zero_row, dtype=np.int64)
     counts = np.zeros((len(tasks), steps), dtype=np.int64)
-    offset = 0
     for i, (task, n) in enumerate(zip(tasks, sizes, strict=True)):
         assert task.fit is not None
         span = per_epoch[i] * batch
         gen = torch.Generator().manual_seed(task.fit.seed)
         for e in range(epochs):
-            index[i, e * span : e * span + n] = torch.randperm(n, generator=gen).numpy() + offset
-        offset += n
+            perm = torch.randperm(n, generator=gen).numpy()
+            index[i, e * span : e * span + n] = perm + offsets[i]
         full, tail = divmod(n, batch)
         row = np.full(per_epoch[i], batch)
         row[full:] = tail
         counts[i, : epochs * per_epoch[i]] = np.tile(row, epochs)
-    flat_index = torch.from_numpy(index.reshape(-1)).to(x0.device)
-    x = workspace.get("x", (len(tasks), steps * batch, *x0.shape[1:]), x0)
-    y = workspace.get("y", (len(tasks), steps * batch, *y0.shape[1:]), y0)
-    torch.index_select(pooled_x, 0, flat_index, out=x.view(-1, *x0.shape[1:]))
-    torch.index_select(pooled_y, 0, flat_index, out=y.view(-1, *y0.shape[1:]))
+    step_major = index.reshape(len(tasks), steps, batch).transpose(1, 0, 2).reshape(-1)
+    flat_index = torch.from_numpy(np.ascontiguousarray(step_major)).to(pooled.x.device)
+    x_shape, y_shape = pooled.x.shape[1:], pooled.y.shape[1:]
+    x = workspace.get("x", (steps, len(tasks), batch, *x_shape), pooled.x)
+    y = workspace.get("y", (steps, len(tasks), batch, *y_shape), pooled.y)
+    torch.index_select(pooled.x, 0, flat_index, out=x.view(-1, *x_shape))
+    torch.index_select(pooled.y, 0, flat_index, out=y.view(-1, *y_shape))
     return x, y, counts.T, per_epoch
 
 
@@ -153,6 +179,12 @@ def mlp_plan(model: nn.Module, keys: Sequence[str]) -> list[Linear | type[nn.Mod
     return plan
 
 
+def _same_for_all(t: torch.Tensor) -> bool:
+    """True for a `(C, ...)` tensor expanded from one row (stride 0): every client's copy of
+    the global weights before the first step."""
+    return t.stride(0) == 0
+
+
 def mlp_step(
     plan: Sequence[Linear | type[nn.Module]],
     params: dict[str, torch.Tensor],
@@ -164,19 +196,29 @@ def mlp_step(
     """What `vmap(grad_and_value(loss_fn))` returns for an MLP with cross-entropy, derived by
     hand: for `(C, B, in)` inputs and `(C, B)` labels and loss weights, the gradients of
     `sum_b wb * nll` per client and that loss `(C,)`. Batched matmuls and no autograd graph:
-    one MNIST 784-32-10 step takes about 0.7x the time of the vmapped autograd step.
+    one MNIST 784-32-10 step takes about 0.7x the time of the vmapped autograd step. Weights
+    that are the same for every client (expanded, stride 0) are applied as one plain matmul
+    over all `C * B` rows.
 
-    With `sgd_lr`, instead of returning gradients (the dict is empty) it applies the plain SGD
-    step `w -= sgd_lr * grad` to `params` in place, each weight inside its gradient's matmul."""
+    With `sgd_lr`, instead of gradients it returns the parameters after the plain SGD step
+    `w -= sgd_lr * grad`, each weight updated inside its gradient's matmul: in place, except
+    that a weight shared by all clients is replaced by a new `(C, ...)` tensor."""
     outs = [xb]  # the input of layer i is outs[i]
     h = xb
     for layer in plan:
         if isinstance(layer, Linear):
-            weight = params[layer.weight].transpose(1, 2)
-            if layer.bias is None:
-                h = torch.bmm(h, weight)
+            weight = params[layer.weight]
+            bias = params[layer.bias] if layer.bias is not None else None
+            if _same_for_all(weight) and (bias is None or _same_for_all(bias)):
+                rows = h.reshape(-1, h.shape[-1])
+                flat = (
+                    rows @ weight[0].T if bias is None else torch.addmm(bias[0], rows, weight[0].T)
+                )
+                h = flat.view(*h.shape[:-1], -1)
+            elif bias is None:
+                h = torch.bmm(h, weight.transpose(1, 2))
             else:
-                h = torch.baddbmm(params[layer.bias].unsqueeze(1), h, weight)
+                h = torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
         else:
             h = _FORWARD[layer](h)
         outs.append(h)
@@ -185,27 +227,40 @@ def mlp_step(
     g = logp.exp_()  # d loss / d logits = wb * (softmax - one_hot(y))
     g.scatter_add_(-1, yb[..., None], torch.full_like(g[..., :1], -1.0))
     g.mul_(wb[..., None])
-    grads: dict[str, torch.Tensor] = {}
+    out: dict[str, torch.Tensor] = {} if sgd_lr is None else dict(params)
     for i in range(len(plan) - 1, -1, -1):
         layer = plan[i]
         if isinstance(layer, Linear):
             weight = params[layer.weight]
-            g_in = torch.bmm(g, weight) if i > 0 else None  # with the weights before the step
+            g_in = None  # the gradient at the layer's input, with the weights before the step
+            if i > 0 and _same_for_all(weight):
+                g_in = (g.reshape(-1, g.shape[-1]) @ weight[0]).view(*g.shape[:-1], -1)
+            elif i > 0:
+                g_in = torch.bmm(g, weight)
             if sgd_lr is None:
-                grads[layer.weight] = torch.bmm(g.transpose(1, 2), outs[i])
+                out[layer.weight] = torch.bmm(g.transpose(1, 2), outs[i])
                 if layer.bias is not None:
-                    grads[layer.bias] = g.sum(1)
+                    out[layer.bias] = g.sum(1)
             else:  # the step itself, fused into the gradient's matmul
-                weight.baddbmm_(g.transpose(1, 2), outs[i], alpha=-sgd_lr)
+                if _same_for_all(weight):
+                    out[layer.weight] = torch.baddbmm(
+                        weight, g.transpose(1, 2), outs[i], alpha=-sgd_lr
+                    )
+                else:
+                    weight.baddbmm_(g.transpose(1, 2), outs[i], alpha=-sgd_lr)
                 if layer.bias is not None:
-                    params[layer.bias].add_(g.sum(1), alpha=-sgd_lr)
+                    bias = params[layer.bias]
+                    if _same_for_all(bias):
+                        out[layer.bias] = torch.add(bias, g.sum(1), alpha=-sgd_lr)
+                    else:
+                        bias.add_(g.sum(1), alpha=-sgd_lr)
             if g_in is not None:
                 g = g_in
         else:
             derivative = _ACTIVATIONS[layer]
             if derivative is not None:
                 g = g * derivative(outs[i + 1])
-    return grads, loss
+    return out, loss
 
 
 def _per_row(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -220,8 +275,11 @@ def train_chunk(
     trainers: Sequence[TorchTrainer],
     mu: float,
     workspace: Workspace,
+    pooled: PooledData | None = None,
 ) -> list[Update]:
-    """Train the chunk's clients in lockstep; the `Update` each `TorchTrainer.fit` would give."""
+    """Train the chunk's clients in lockstep; the `Update` each `TorchTrainer.fit` would give.
+    `replica` is the module `functional_call` runs (`model` or a copy of it); `pooled` holds
+    the clients' data if the caller pooled it."""
     config = tasks[0].fit
     assert config is not None
     state = flat_module(model)
@@ -238,8 +296,8 @@ def train_chunk(
         return (per_example(out, yb) * wb).sum()
 
     sizes = [tr.num_train_examples for tr in trainers]
-    x, y, counts, per_epoch = _batches(tasks, trainers, epochs, batch, workspace)
-    mlp = mlp_plan(model, keys) if trainers[0].loss is F.cross_entropy and x.dim() == 3 else None
+    x, y, counts, per_epoch = _batches(tasks, trainers, epochs, batch, workspace, pooled)
+    mlp = mlp_plan(model, keys) if trainers[0].loss is F.cross_entropy and x.dim() == 4 else None
     step_fn = vmap(grad_and_value(loss_fn)) if mlp is None else partial(mlp_step, mlp)
     steps = len(counts)
     # Per-example loss weights: 1 / (real examples in the batch), 0 on padding.
@@ -257,10 +315,6 @@ def train_chunk(
     else:
         flat0 = torch.from_numpy(np.stack([t.params.flat for t in tasks])).to(device, dtype)
     w0 = [flat0[:, a:b].reshape(c, *shape) for a, b, shape in state.spans]
-    # The clients' weights, one contiguous (c, *shape) tensor per parameter, trained in place
-    # (in-place batched matmuls on views of one (c, P) buffer measured 1.5x slower). Not
-    # `clone()`: cloning the expanded (stride 0) `w0` measured 5x slower than `copy_`.
-    w = [torch.empty(v.shape, dtype=dtype, device=device).copy_(v) for v in w0]
     extra: list[torch.Tensor] | None = None  # gradient correction, as one (c, P) tensor
     if any(t.fit is not None and t.fit.gradient_correction is not None for t in tasks):
         rows = [
@@ -273,16 +327,27 @@ def train_chunk(
         extra = [corr[:, a:b].reshape(c, *shape) for a, b, shape in state.spans]
     decay = torch.tensor([tr.weight_decay for tr in trainers], dtype=dtype, device=device)
     has_decay = bool((decay > 0).any())
+    # Plain SGD on an MLP: the step is fused into the backward pass, and the first step reads
+    # the shared global weights (no per-client copy) and writes each client's own. A client
+    # whose data ran out has zero loss weights, so a zero gradient, and stays put without a mask.
+    fused = mlp is not None and mu == 0 and extra is None and not has_decay
+    # The clients' weights, one contiguous (c, *shape) tensor per parameter, trained in place
+    # (in-place batched matmuls on views of one (c, P) buffer measured 1.5x slower). Not
+    # `clone()`: cloning the expanded (stride 0) `w0` measured 5x slower than `copy_`.
+    w = (
+        list(w0)
+        if fused
+        else [torch.empty(v.shape, dtype=dtype, device=device).copy_(v) for v in w0]
+    )
     losses: list[torch.Tensor] = []
     replica.train()
-    # Plain SGD on an MLP: the step is fused into the backward pass. A client whose data ran
-    # out has zero loss weights, so a zero gradient, and stays put without a mask.
-    fused = mlp is not None and mu == 0 and extra is None and not has_decay
     for s in range(steps):
-        xb, yb = x[:, s * batch : (s + 1) * batch], y[:, s * batch : (s + 1) * batch]
+        xb, yb = x[s], y[s]
         if fused:
             assert mlp is not None
-            losses.append(mlp_step(mlp, dict(zip(keys, w, strict=True)), xb, yb, weight[s], lr)[1])
+            stepped, loss = mlp_step(mlp, dict(zip(keys, w, strict=True)), xb, yb, weight[s], lr)
+            w = [stepped[k] for k in keys]
+            losses.append(loss)
             continue
         grads_d, loss = step_fn(dict(zip(keys, w, strict=True)), xb, yb, weight[s])
         grads = [grads_d[k] for k in keys]
