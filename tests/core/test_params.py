@@ -81,3 +81,18 @@ def test_finiteness_when_the_sum_overflows(dtype: type) -> None:
         p.flat[3] = big
     p.flat[:4], p.flat[4:] = np.inf, -np.inf  # the sum is NaN, not Inf
     assert not p.is_finite()
+
+
+def test_layout_hash_survives_pickling_into_another_process() -> None:
+    """The cached hash is recomputed on unpickling (string hashes differ between processes)."""
+    import pickle
+    import subprocess
+    import sys
+
+    blob = pickle.dumps(make().layout)
+    check = (
+        "import pickle, sys; layout = pickle.loads(sys.stdin.buffer.read()); "
+        "assert hash(layout) == hash((layout.specs, layout.dtype)), 'stale hash'"
+    )
+    env = {"PYTHONHASHSEED": "12345", "PATH": ""}
+    subprocess.run([sys.executable, "-c", check], input=blob, env=env, check=True)

