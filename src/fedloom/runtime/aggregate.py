@@ -7,14 +7,11 @@ sum per vector and folds each update in as it arrives.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Any
 
 import numpy as np
-import numpy.typing as npt
-from scipy.linalg import blas
 
 from fedloom.algorithms.base import Aggregate
+from fedloom.core import blas
 from fedloom.core.params import Layout, Params
 from fedloom.core.types import Metrics, Update
 
@@ -58,14 +55,6 @@ def check_update(update: object, layout: Layout, extras: dict[str, Layout]) -> s
     return None
 
 
-#: BLAS `y += a * x` in one pass (SciPy comes with scikit-learn): 4-7x faster than NumPy's
-#: `multiply` + `add` on a 1.7M-parameter update.
-_AXPY: dict[np.dtype[Any], Callable[..., npt.NDArray[Any]]] = {
-    np.dtype(np.float32): blas.saxpy,
-    np.dtype(np.float64): blas.daxpy,
-}
-
-
 class StreamingMean:
     """Running example-weighted mean of deltas, unweighted mean of extras.
 
@@ -90,7 +79,7 @@ class StreamingMean:
         """Fold in one update."""
         weight = update.num_examples
         acc, delta = self._delta.flat, update.delta.flat
-        axpy = _AXPY.get(acc.dtype)
+        axpy = blas.axpy(acc.dtype)  # one pass; 4-7x NumPy's multiply + add on 1.7M
         if axpy is not None and delta.dtype == acc.dtype and delta.flags.c_contiguous:
             if axpy(delta, acc, a=weight) is not acc:  # in place for a contiguous acc
                 raise AssertionError("BLAS axpy did not update the accumulator in place")
