@@ -362,8 +362,10 @@ def train_chunk(
             torch._foreach_mul_(grads, [_per_row(alive[s], g) for g in grads])
         torch._foreach_add_(w, grads, alpha=-lr)
     loss_sums = (torch.stack(losses).double() * counted).sum(0)
-    torch._foreach_sub_(w, w0)  # the deltas, then one row per client in `Params` order
-    deltas_np = torch.cat([v.reshape(c, -1) for v in w], dim=1).cpu().numpy()
+    deltas = torch.empty(flat0.shape, dtype=dtype, device=device)  # a row per client
+    for v, v0, (a, b, shape) in zip(w, w0, state.spans, strict=True):
+        torch.sub(v, v0, out=deltas[:, a:b].view(c, *shape))  # one pass per parameter
+    deltas_np = deltas.cpu().numpy()
     train_loss = (loss_sums.cpu() / torch.tensor(sizes, dtype=torch.float64)).tolist()
     updates = []
     for i, task in enumerate(tasks):
