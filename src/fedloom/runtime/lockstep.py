@@ -192,6 +192,7 @@ def mlp_step(
     yb: torch.Tensor,
     wb: torch.Tensor,
     sgd_lr: float | None = None,
+    workspace: Workspace | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """What `vmap(grad_and_value(loss_fn))` returns for an MLP with cross-entropy, derived by
     hand: for `(C, B, in)` inputs and `(C, B)` labels and loss weights, the gradients of
@@ -202,7 +203,17 @@ def mlp_step(
 
     With `sgd_lr`, instead of gradients it returns the parameters after the plain SGD step
     `w -= sgd_lr * grad`, each weight updated inside its gradient's matmul: in place, except
-    that a weight shared by all clients is replaced by a new `(C, ...)` tensor."""
+    that a weight shared by all clients is replaced by a `(C, ...)` tensor of `workspace` (a
+    new one without it)."""
+
+    def fresh(key: str, like: torch.Tensor) -> torch.Tensor:
+        shape = tuple(like.shape)
+        return (
+            torch.empty(shape, dtype=like.dtype)
+            if workspace is None
+            else workspace.get(key, shape, like)
+        )
+
     outs = [xb]  # the input of layer i is outs[i]
     h = xb
     for layer in plan:
@@ -244,14 +255,20 @@ def mlp_step(
             else:  # the step itself, fused into the gradient's matmul
                 if _same_for_all(weight):
                     out[layer.weight] = torch.baddbmm(
-                        weight, g.transpose(1, 2), outs[i], alpha=-sgd_lr
+                        weight,
+                        g.transpose(1, 2),
+                        outs[i],
+                        alpha=-sgd_lr,
+                        out=fresh(layer.weight, weight),
                     )
                 else:
                     weight.baddbmm_(g.transpose(1, 2), outs[i], alpha=-sgd_lr)
                 if layer.bias is not None:
                     bias = params[layer.bias]
                     if _same_for_all(bias):
-                        out[layer.bias] = torch.add(bias, g.sum(1), alpha=-sgd_lr)
+                        out[layer.bias] = torch.add(
+                            bias, g.sum(1), alpha=-sgd_lr, out=fresh(layer.bias, bias)
+                        )
                     else:
                         bias.add_(g.sum(1), alpha=-sgd_lr)
             if g_in is not None:
@@ -345,7 +362,8 @@ def train_chunk(
         xb, yb = x[s], y[s]
         if fused:
             assert mlp is not None
-            stepped, loss = mlp_step(mlp, dict(zip(keys, w, strict=True)), xb, yb, weight[s], lr)
+            params = dict(zip(keys, w, strict=True))
+            stepped, loss = mlp_step(mlp, params, xb, yb, weight[s], lr, workspace)
             w = [stepped[k] for k in keys]
             losses.append(loss)
             continue
