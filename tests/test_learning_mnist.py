@@ -2,8 +2,9 @@
 
 import pytest
 import torch
+from harness import train
 
-from fedloom import EvalConfig, FedAvg, Federation, Settings
+from fedloom import FedAvg, Settings
 from fedloom.adapters import TorchTrainer
 from fedloom.data import load_mnist, partition
 from fedloom.models import mlp
@@ -13,13 +14,13 @@ from fedloom.models import mlp
 def test_mnist_2nn_iid_reaches_97_percent() -> None:
     """E=1, B=10, C=0.1 over 100 IID clients; McMahan et al. report 87 rounds (Table 1)."""
     torch.manual_seed(0)
-    train, test = load_mnist()
+    train_set, test_set = load_mnist()
     model = mlp(784, [200, 200], 10)
     clients = {
-        f"c{i}": TorchTrainer(model, (train.x[idx], train.y[idx]))
-        for i, idx in enumerate(partition.iid(len(train), 100, seed=0))
+        f"c{i}": TorchTrainer(model, (train_set.x[idx], train_set.y[idx]))
+        for i, idx in enumerate(partition.iid(len(train_set), 100, seed=0))
     }
-    server = TorchTrainer(model, (test.x, test.y), (test.x, test.y))
+    server = TorchTrainer(model, (test_set.x, test_set.y), (test_set.x, test_set.y))
     settings = Settings(
         rounds=150,
         fraction_fit=0.1,
@@ -30,14 +31,7 @@ def test_mnist_2nn_iid_reaches_97_percent() -> None:
         target_metric="accuracy",
         target_value=0.97,
     )
-    with Federation.simulation(
-        FedAvg(),
-        clients,
-        settings,
-        workers=2,
-        evaluate_fn=lambda p: server.evaluate(p, EvalConfig(0)).metrics,
-    ) as federation:
-        result = federation.run(server.initial_params())
+    result, _ = train(FedAvg(), clients, server, settings)
     accuracy = result.metric("accuracy")
     print(f"rounds to 97%: {len(accuracy)}")
     assert result.stopped == "target", f"stalled at {max(accuracy):.4f} after 150 rounds"

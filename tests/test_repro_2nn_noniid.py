@@ -3,20 +3,15 @@ per client), shortened from bench/repro/mcmahan_2nn.py: 30 rounds instead of the
 97% takes. Fixed seeds; the bar is well above what a broken aggregation or server step reaches
 (each client sees only 2 digits, so local models alone score about 20%)."""
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from harness import train
+from mcmahan_2nn import STRATEGIES  # the reproduction's own configurations
 
-from fedloom import EvalConfig, Federation, Settings
+from fedloom import Settings
 from fedloom.adapters import TorchTrainer
 from fedloom.data import load_mnist, partition
 from fedloom.models import mlp
-
-# The reproduction's own strategy configurations.
-sys.path.insert(0, str(Path(__file__).parents[1] / "bench" / "repro"))
-from mcmahan_2nn import STRATEGIES
 
 
 @pytest.mark.slow
@@ -25,24 +20,17 @@ def test_2nn_non_iid_learns_in_30_rounds(name: str) -> None:
     """Measured (seed 0, 2026-11-23) best of rounds 26-30: FedAvg 0.890, FedAdam 0.889,
     SCAFFOLD 0.911; the curves dip for a round or two, so the bar takes the best of five."""
     torch.manual_seed(0)
-    train, test = load_mnist()
+    train_set, test_set = load_mnist()
     model = mlp(784, [200, 200], 10)
-    parts = partition.shards(train.y, 100, seed=0, shards_per_client=2)
+    parts = partition.shards(train_set.y, 100, seed=0, shards_per_client=2)
     clients = {
-        f"c{i:02d}": TorchTrainer(model, (train.x[idx], train.y[idx]))
+        f"c{i:02d}": TorchTrainer(model, (train_set.x[idx], train_set.y[idx]))
         for i, idx in enumerate(parts)
     }
-    server = TorchTrainer(model, (test.x, test.y), (test.x, test.y))
+    server = TorchTrainer(model, (test_set.x, test_set.y), (test_set.x, test_set.y))
     settings = Settings(
         rounds=30, fraction_fit=0.1, epochs=1, batch_size=10, learning_rate=0.1, seed=0
     )
-    with Federation.simulation(
-        STRATEGIES[name],
-        clients,
-        settings,
-        workers=2,
-        evaluate_fn=lambda p: server.evaluate(p, EvalConfig(0)).metrics,
-    ) as federation:
-        accuracy = federation.run(server.initial_params()).metric("accuracy")
+    accuracy = train(STRATEGIES[name], clients, server, settings)[0].metric("accuracy")
     print(f"{name}: accuracy every 5 rounds {[round(a, 3) for a in accuracy[4::5]]}")
     assert max(accuracy[-5:]) > 0.85, f"{name}: best of rounds 26-30 is {max(accuracy[-5:]):.3f}"

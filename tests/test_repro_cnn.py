@@ -6,8 +6,9 @@ bench/repro/mcmahan_cnn.py; this is its first rounds with E=1, evaluated once at
 
 import pytest
 import torch
+from harness import train
 
-from fedloom import EvalConfig, FedAvg, Federation, Settings
+from fedloom import FedAvg, Settings
 from fedloom.adapters import TorchTrainer
 from fedloom.data import load_mnist, partition
 from fedloom.models import mnist_cnn
@@ -17,13 +18,13 @@ from fedloom.models import mnist_cnn
 def test_mnist_cnn_iid_learns_in_three_rounds() -> None:
     """E=1, B=10, C=0.1 over 100 IID clients, lr 0.1, 3 rounds; accuracy on 2,000 test images."""
     torch.manual_seed(0)
-    train, test = load_mnist()
+    train_set, test_set = load_mnist()
     model = mnist_cnn()
     clients = {
-        f"c{i}": TorchTrainer(model, (train.x[idx], train.y[idx]))
-        for i, idx in enumerate(partition.iid(len(train), 100, seed=0))
+        f"c{i}": TorchTrainer(model, (train_set.x[idx], train_set.y[idx]))
+        for i, idx in enumerate(partition.iid(len(train_set), 100, seed=0))
     }
-    server = TorchTrainer(model, (test.x, test.y), (test.x[:2000], test.y[:2000]))
+    server = TorchTrainer(model, (test_set.x, test_set.y), (test_set.x[:2000], test_set.y[:2000]))
     settings = Settings(
         rounds=3,
         fraction_fit=0.1,
@@ -33,14 +34,7 @@ def test_mnist_cnn_iid_learns_in_three_rounds() -> None:
         seed=0,
         evaluate_every=3,  # once, after the last round
     )
-    with Federation.simulation(
-        FedAvg(),
-        clients,
-        settings,
-        workers=2,
-        evaluate_fn=lambda p: server.evaluate(p, EvalConfig(0)).metrics,
-    ) as federation:
-        result = federation.run(server.initial_params())
+    result, _ = train(FedAvg(), clients, server, settings)
     accuracy = result.metric("accuracy")
     print(f"accuracy after 3 rounds: {accuracy}")
     assert len(accuracy) == 1

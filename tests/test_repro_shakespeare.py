@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 import torch
+from harness import train
 
-from fedloom import EvalConfig, FedAvg, Federation, Settings
+from fedloom import FedAvg, Settings
 from fedloom.adapters import TorchTrainer
 from fedloom.data import load_shakespeare
 from fedloom.models import CharLSTM
@@ -17,31 +18,24 @@ def test_shakespeare_lstm_fedavg_beats_majority_class() -> None:
     against a 0.181 baseline; the curve rises from 0.181 after round 1)."""
     fed = load_shakespeare(seq_len=20, max_clients=20)
     rng = np.random.default_rng(0)
-    train = {}
+    windows = {}
     for cid, (tr, _) in fed.clients.items():
         idx = np.sort(rng.permutation(len(tr))[:500])
-        train[cid] = (tr.x[idx], tr.y[idx])
+        windows[cid] = (tr.x[idx], tr.y[idx])
     pooled = fed.pooled("test")
     idx = np.sort(rng.permutation(len(pooled))[:1000])
     test_x, test_y = pooled.x[idx], pooled.y[idx]
-    majority = np.bincount(np.concatenate([y for _, y in train.values()])).argmax()
+    majority = np.bincount(np.concatenate([y for _, y in windows.values()])).argmax()
     baseline = float(np.mean(test_y == majority))
 
     torch.manual_seed(0)
     model = CharLSTM(vocab=fed.num_classes, embed=8, hidden=64, layers=2)
-    clients = {cid: TorchTrainer(model, data) for cid, data in train.items()}
+    clients = {cid: TorchTrainer(model, data) for cid, data in windows.items()}
     server = TorchTrainer(model, (test_x[:1], test_y[:1]), (test_x, test_y))
     settings = Settings(
         rounds=20, fraction_fit=0.1, epochs=1, batch_size=10, learning_rate=2.0, seed=0
     )
-    with Federation.simulation(
-        FedAvg(),
-        clients,
-        settings,
-        workers=2,
-        evaluate_fn=lambda p: server.evaluate(p, EvalConfig(0)).metrics,
-    ) as federation:
-        result = federation.run(server.initial_params())
+    result, _ = train(FedAvg(), clients, server, settings)
     accuracy = result.metric("accuracy")
     print(f"baseline {baseline:.3f}; accuracy per round {[round(a, 3) for a in accuracy]}")
     assert 0.1 < baseline < 0.25  # the space character

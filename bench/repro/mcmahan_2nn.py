@@ -10,20 +10,11 @@ wall time and seconds per round.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
+from harness import row, train
 
-from fedloom import (
-    EvalConfig,
-    FedAdam,
-    FedAvg,
-    FedAvgM,
-    Federation,
-    Scaffold,
-    Settings,
-    Strategy,
-)
+from fedloom import FedAdam, FedAvg, FedAvgM, Scaffold, Settings, Strategy
 from fedloom.adapters import TorchTrainer
 from fedloom.data import load_mnist, partition
 from fedloom.models import mlp
@@ -40,18 +31,18 @@ STRATEGIES: dict[str, Strategy] = {
 def run(name: str, max_rounds: int, iid: bool, lr: float, workers: int) -> str:
     """Train until 97% or `max_rounds`; return a markdown table row."""
     torch.manual_seed(0)
-    train, test = load_mnist()
+    train_set, test_set = load_mnist()
     model = mlp(784, [200, 200], 10)
     parts = (
-        partition.iid(len(train), 100, seed=0)
+        partition.iid(len(train_set), 100, seed=0)
         if iid
-        else partition.shards(train.y, 100, seed=0, shards_per_client=2)
+        else partition.shards(train_set.y, 100, seed=0, shards_per_client=2)
     )
     clients = {
-        f"c{i:02d}": TorchTrainer(model, (train.x[idx], train.y[idx]))
+        f"c{i:02d}": TorchTrainer(model, (train_set.x[idx], train_set.y[idx]))
         for i, idx in enumerate(parts)
     }
-    server = TorchTrainer(model, (test.x, test.y), (test.x, test.y))
+    server = TorchTrainer(model, (test_set.x, test_set.y), (test_set.x, test_set.y))
     settings = Settings(
         rounds=max_rounds,
         fraction_fit=0.1,
@@ -62,21 +53,8 @@ def run(name: str, max_rounds: int, iid: bool, lr: float, workers: int) -> str:
         target_metric="accuracy",
         target_value=0.97,
     )
-    start = time.perf_counter()
-    with Federation.simulation(
-        STRATEGIES[name],
-        clients,
-        settings,
-        workers=workers,
-        evaluate_fn=lambda p: server.evaluate(p, EvalConfig(0)).metrics,
-    ) as federation:
-        result = federation.run(server.initial_params())
-    wall = time.perf_counter() - start
-    acc = result.metric("accuracy")
-    reached = (
-        f"{len(acc)}" if result.stopped == "target" else f"not in {len(acc)} (best {max(acc):.4f})"
-    )
-    return f"| {name} | {reached} | {acc[-1]:.4f} | {wall:.0f} | {wall / len(acc):.3f} |"
+    result, wall = train(STRATEGIES[name], clients, server, settings, workers=workers)
+    return row(name, result, wall)
 
 
 def main() -> None:

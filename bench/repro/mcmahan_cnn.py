@@ -10,12 +10,11 @@ x 300 local SGD steps of the CNN plus a 10,000-image test evaluation (about a mi
 from __future__ import annotations
 
 import argparse
-import sys
-import time
 
 import torch
+from harness import row, train
 
-from fedloom import EvalConfig, FedAvg, Federation, RoundResult, Settings
+from fedloom import FedAvg, Settings
 from fedloom.adapters import TorchTrainer
 from fedloom.data import load_mnist, partition
 from fedloom.models import mnist_cnn
@@ -26,13 +25,13 @@ TARGET = 0.99
 def run(max_rounds: int, lr: float, workers: int, epochs: int) -> str:
     """Train until 99% or `max_rounds`; return a markdown table row."""
     torch.manual_seed(0)
-    train, test = load_mnist()
+    train_set, test_set = load_mnist()
     model = mnist_cnn()
     clients = {
-        f"c{i:02d}": TorchTrainer(model, (train.x[idx], train.y[idx]))
-        for i, idx in enumerate(partition.iid(len(train), 100, seed=0))
+        f"c{i:02d}": TorchTrainer(model, (train_set.x[idx], train_set.y[idx]))
+        for i, idx in enumerate(partition.iid(len(train_set), 100, seed=0))
     }
-    server = TorchTrainer(model, (test.x, test.y), (test.x, test.y))
+    server = TorchTrainer(model, (test_set.x, test_set.y), (test_set.x, test_set.y))
     settings = Settings(
         rounds=max_rounds,
         fraction_fit=0.1,
@@ -44,34 +43,8 @@ def run(max_rounds: int, lr: float, workers: int, epochs: int) -> str:
         target_value=TARGET,
     )
 
-    def progress(r: RoundResult) -> None:  # to stderr: stdout is the markdown table
-        m = r.record.metrics
-        print(
-            f"round {r.record.round}: accuracy {m['accuracy']:.4f}, "
-            f"train loss {m.get('train_loss', float('nan')):.4f}, {r.record.seconds:.1f} s",
-            file=sys.stderr,
-            flush=True,
-        )
-
-    start = time.perf_counter()
-    with Federation.simulation(
-        FedAvg(),
-        clients,
-        settings,
-        workers=workers,
-        evaluate_fn=lambda p: server.evaluate(p, EvalConfig(0)).metrics,
-        on_round=progress,
-    ) as federation:
-        result = federation.run(server.initial_params())
-    wall = time.perf_counter() - start
-    acc = result.metric("accuracy")
-    reached = (
-        f"{len(acc)}" if result.stopped == "target" else f"not in {len(acc)} (best {max(acc):.4f})"
-    )
-    return (
-        f"| fedavg, E={epochs}, lr={lr:g} | {reached} | {acc[-1]:.4f} | {wall:.0f} "
-        f"| {wall / len(acc):.1f} |"
-    )
+    result, wall = train(FedAvg(), clients, server, settings, workers=workers, progress=True)
+    return row(f"fedavg, E={epochs}, lr={lr:g}", result, wall)
 
 
 def main() -> None:

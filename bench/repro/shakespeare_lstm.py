@@ -18,13 +18,12 @@ test accuracy every `--every` rounds (round 0 is the initial model), wall time a
 from __future__ import annotations
 
 import argparse
-import sys
-import time
 
 import numpy as np
 import torch
+from harness import train
 
-from fedloom import EvalConfig, FedAvg, Federation, RoundResult, Settings
+from fedloom import EvalConfig, FedAvg, RoundResult, Settings
 from fedloom.adapters import TorchTrainer
 from fedloom.data import ALL_LETTERS, ArrayDataset, load_shakespeare
 from fedloom.models import CharLSTM
@@ -37,28 +36,28 @@ def subset(
     roles' pooled test split, vocabulary size, majority training character)."""
     fed = load_shakespeare(seq_len=80, max_clients=num_clients)
     rng = np.random.default_rng(seed)
-    train = {}
+    windows = {}
     for cid, (tr, _) in fed.clients.items():
         idx = (
             np.sort(rng.choice(len(tr), cap, replace=False))
             if len(tr) > cap
             else np.arange(len(tr))
         )
-        train[cid] = ArrayDataset(tr.x[idx], tr.y[idx])  # fancy indexing copies the strided view
+        windows[cid] = ArrayDataset(tr.x[idx], tr.y[idx])  # fancy indexing copies the strided view
     pooled = fed.pooled("test")
     idx = np.sort(rng.choice(len(pooled), min(test_size, len(pooled)), replace=False))
     test = ArrayDataset(pooled.x[idx], pooled.y[idx])
-    counts = np.bincount(np.concatenate([d.y for d in train.values()]), minlength=fed.num_classes)
-    return train, test, fed.num_classes, int(counts.argmax())
+    counts = np.bincount(np.concatenate([d.y for d in windows.values()]), minlength=fed.num_classes)
+    return windows, test, fed.num_classes, int(counts.argmax())
 
 
 def run(args: argparse.Namespace) -> None:
     """Train, print the baseline, the accuracy table and the timing."""
-    train, test, vocab, majority = subset(args.clients, args.cap, args.test, args.seed)
+    parts, test, vocab, majority = subset(args.clients, args.cap, args.test, args.seed)
     baseline = float(np.mean(test.y == majority))
     torch.manual_seed(args.seed)
     model = CharLSTM(vocab=vocab, embed=8, hidden=args.hidden, layers=2)
-    clients = {cid: TorchTrainer(model, (d.x, d.y)) for cid, d in train.items()}
+    clients = {cid: TorchTrainer(model, (d.x, d.y)) for cid, d in parts.items()}
     server = TorchTrainer(model, (test.x[:1], test.y[:1]), (test.x, test.y))
     settings = Settings(
         rounds=args.rounds,
@@ -68,9 +67,9 @@ def run(args: argparse.Namespace) -> None:
         learning_rate=args.lr,
         seed=args.seed,
     )
-    n_train = sum(len(d) for d in train.values())
+    n_train = sum(len(d) for d in parts.values())
     print(
-        f"{len(train)} roles, {n_train} training windows (cap {args.cap}/role), "
+        f"{len(parts)} roles, {n_train} training windows (cap {args.cap}/role), "
         f"{len(test)} test windows, vocab {vocab}; hidden {args.hidden}, lr {args.lr}, "
         f"C={args.fraction}, E=1, B=10, {args.workers} workers",
         flush=True,
@@ -78,27 +77,12 @@ def run(args: argparse.Namespace) -> None:
     initial = server.initial_params()
     accuracy = {0: server.evaluate(initial, EvalConfig(0)).metrics["accuracy"]}
 
-    def progress(result: RoundResult) -> None:
-        rec = result.record
-        accuracy[rec.round] = rec.metrics["accuracy"]
-        print(
-            f"round {rec.round}: accuracy {rec.metrics['accuracy']:.4f} "
-            f"train loss {rec.metrics.get('train_loss', float('nan')):.3f} ({rec.seconds:.1f} s)",
-            file=sys.stderr,
-            flush=True,
-        )
+    def record(result: RoundResult) -> None:
+        accuracy[result.record.round] = result.record.metrics["accuracy"]
 
-    start = time.perf_counter()
-    with Federation.simulation(
-        FedAvg(),
-        clients,
-        settings,
-        workers=args.workers,
-        evaluate_fn=lambda p: server.evaluate(p, EvalConfig(0)).metrics,
-        on_round=progress,
-    ) as federation:
-        result = federation.run(initial)
-    wall = time.perf_counter() - start
+    result, wall = train(
+        FedAvg(), clients, server, settings, workers=args.workers, progress=True, on_round=record
+    )
     rounds = len(result.history)
     print(f"\nmajority-class baseline (always {ALL_LETTERS[majority]!r}): {baseline:.4f}\n")
     print("| round | test accuracy |")
