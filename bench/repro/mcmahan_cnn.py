@@ -1,5 +1,6 @@
 """McMahan et al. 2017, Table 2: MNIST CNN (1,663,370 parameters), IID over 100 clients, E=5,
-B=10, C=0.1, FedAvg: rounds to 99% test accuracy (published: 20).
+B=10, C=0.1, FedAvg: rounds to 99% test accuracy (published: 20; measured 18 at the default lr
+0.2, 33 at lr 0.1).
 
 Run: `python bench/repro/mcmahan_cnn.py [--max-rounds N] [--lr X] [--workers N] [--epochs E]`.
 Prints one markdown row: rounds to 99% (or the best accuracy reached), the final accuracy, wall
@@ -51,7 +52,7 @@ def main() -> None:
     """Command line."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--max-rounds", type=int, default=100)
-    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--lr", type=float, default=0.2)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=5)
     args = parser.parse_args()
