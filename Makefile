@@ -30,4 +30,4 @@ repro:  ## the paper reproductions of bench/repro (long: see bench/BENCHMARKS.md
 	$(PYTHON) bench/repro/shakespeare_lstm.py
 
 repro-quick:  ## the short reproductions the test suite runs
-	$(PYTHON) -m pytest -q tests/test_learning_mnist.py tests/test_repro_cnn.py tests/test_repro_femnist.py tests/test_repro_shakespeare.py
+	$(PYTHON) -m pytest -q tests/test_learning_mnist.py tests/test_repro_*.py
