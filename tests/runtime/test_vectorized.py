@@ -140,7 +140,8 @@ def test_replies_match_fit_in_task_order(extras: bool, kind: str) -> None:
             proximal_mu=0.3 if extras else 0.0,
             gradient_correction=corr,
         )
-        tasks.append(Task(cid, TaskKind.FIT, init, config))
+        start = init if i % 2 else init.copy()  # not all tasks share one `Params` object
+        tasks.append(Task(cid, TaskKind.FIT, start, config))
     tasks.insert(2, Task("c1", TaskKind.EVALUATE, init, evaluate=EvalConfig(0)))
     replies = list(
         VectorizedTransport(ClientPool(trainers), chunk_size=4).dispatch(tasks, PlainLocal())
