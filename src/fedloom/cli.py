@@ -1,4 +1,4 @@
-"""`fedloom run | runs | show`: the command line.
+"""`fedloom run | runs | show | certs | server | client`: the command line.
 
 `fedloom run` with no argument runs the embedded default federation (hospitals sharing the
 breast-cancer data that ships with scikit-learn), offline, in seconds.
@@ -86,6 +86,83 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_certs(args: argparse.Namespace) -> int:
+    """Write a test CA and server/client certificates into a folder."""
+    from fedloom.certs import write_test_pki
+
+    hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
+    files = write_test_pki(args.folder, hosts=hosts)
+    print(f"wrote {files.ca}, {files.server_cert}, {files.client_cert} and their keys")
+    return 0
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    """Run a federation over gRPC with TLS for clients that connect to it."""
+    from fedloom.deploy import serve
+
+    config = _load(args)
+    clients = args.clients if args.clients is not None else config.data.num_clients
+    return serve(
+        config,
+        _store_path(args, config),
+        address=args.address,
+        certs=Path(args.certs),
+        clients=clients,
+        wait=args.wait,
+        timeout=args.round_timeout,
+        quiet=args.quiet,
+    )
+
+
+def cmd_client(args: argparse.Namespace) -> int:
+    """Connect to a server and train on the tasks it sends."""
+    from fedloom.deploy import config_trainer, import_trainer, participate
+
+    if (args.trainer is None) == (args.config is None):
+        raise ConfigError("(arguments)", "--trainer/--config", "give exactly one of them")
+    if args.trainer is not None:
+        if args.client_id is None:
+            raise ConfigError("(arguments)", "--client-id", "required with --trainer")
+        client_id, trainer = args.client_id, import_trainer(args.trainer, args.client_id)
+    else:
+        if args.partition is None:
+            raise ConfigError("(arguments)", "--partition", "required with --config")
+        client_id, trainer = config_trainer(load_config(args.config), args.partition)
+        client_id = args.client_id or client_id
+    retry_for = None if args.retry_for < 0 else args.retry_for
+    return participate(args.server, client_id, trainer, certs=Path(args.certs), retry_for=retry_for)
+
+
+def _deploy_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    certs = sub.add_parser("certs", help="write a test CA and server/client certificates")
+    certs.add_argument("folder")
+    certs.add_argument(
+        "--hosts", default="127.0.0.1,localhost", help="server SANs, comma-separated"
+    )
+    certs.set_defaults(func=cmd_certs)
+    server = sub.add_parser("server", help="run a federation over gRPC (TLS) for real clients")
+    server.add_argument("--config", help="a TOML run configuration (default: the embedded one)")
+    server.add_argument("--address", default="127.0.0.1:8443", help="host:port to listen on")
+    server.add_argument("--certs", default="certs", help="folder with ca.pem, server.pem/.key")
+    server.add_argument("--clients", type=int, help="clients to wait for (default: num_clients)")
+    server.add_argument("--wait", type=float, default=300.0, help="seconds to wait for them")
+    server.add_argument("--round-timeout", type=float, default=600.0, help="seconds per dispatch")
+    server.add_argument("--store", help="run store file (default: the config's store.path)")
+    server.add_argument("--quiet", action="store_true", help="no progress bar")
+    server.set_defaults(func=cmd_server)
+    client = sub.add_parser("client", help="serve tasks from a fedloom server")
+    client.add_argument("--server", required=True, help="host:port of the server")
+    client.add_argument("--client-id", help="this client's id (default with --config: its name)")
+    client.add_argument("--certs", default="certs", help="folder with ca.pem, client.pem/.key")
+    client.add_argument("--trainer", help="module:function(client_id) -> Trainer")
+    client.add_argument("--config", help="a TOML run configuration to build the trainer from")
+    client.add_argument("--partition", type=int, help="with --config: which client (0-based)")
+    client.add_argument(
+        "--retry-for", type=float, default=60.0, help="seconds to keep retrying (<0: forever)"
+    )
+    client.set_defaults(func=cmd_client)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
     parser = argparse.ArgumentParser(prog="fedloom", description=__doc__)
@@ -104,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("run_id")
     show.add_argument("--store", help="run store file")
     show.set_defaults(func=cmd_show)
+    _deploy_parsers(sub)
     return parser
 
 

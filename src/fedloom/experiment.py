@@ -7,7 +7,7 @@ for torch models, so the embedded default runs with NumPy alone.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -198,9 +198,20 @@ def build_transport(config: RunConfig, trainers: dict[str, Trainer]) -> Transpor
 
 
 def run_experiment(
-    config: RunConfig, store_path: Path, *, resume: str | None = None, quiet: bool = False
+    config: RunConfig,
+    store_path: Path,
+    *,
+    resume: str | None = None,
+    quiet: bool = False,
+    transport: Transport | None = None,
+    client_ids: Sequence[str] | None = None,
 ) -> int:
-    """Run (or resume) `config`, recording into `store_path`; print progress and the table."""
+    """Run (or resume) `config`, recording into `store_path`; print progress and the table.
+
+    By default the clients are simulated as the config says. With `transport` (for example a
+    `GrpcTransport` serving real clients) and its `client_ids`, the federation runs over those
+    instead; the config's data then gives only the server's test set. The transport is closed
+    at the end either way."""
     from fedloom.report import Progress, human_bytes, rounds_table
 
     store_path = store_path.resolve()  # checkpoints and models are recorded by absolute path
@@ -208,8 +219,10 @@ def run_experiment(
     if config.model.kind in ("logistic", "sklearn_sgd"):
         clients = standardize(clients)
     trainers, initial, evaluate = build_trainers(config.model, clients)
-    strategy = build_strategy(config.strategy, len(trainers))
-    transport = build_transport(config, trainers)
+    ids = list(trainers) if client_ids is None else list(client_ids)
+    strategy = build_strategy(config.strategy, len(ids))
+    if transport is None:
+        transport = build_transport(config, trainers)
     progress = Progress(config.federation.rounds) if not quiet else None
 
     def on_round(result: RoundResult) -> None:
@@ -221,7 +234,7 @@ def run_experiment(
         federation = Federation(
             strategy,
             transport,
-            list(trainers),
+            ids,
             config.federation,
             evaluate_fn=evaluate,
             store=store,

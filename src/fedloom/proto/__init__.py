@@ -1,0 +1,1 @@
+"""fedloom's gRPC protocol: `fedloom.proto` and the modules generated from it."""
