@@ -8,6 +8,7 @@ clients, ...).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import tomllib
 import types
 import typing
@@ -75,10 +76,14 @@ class StrategyConfig:
 
 @dataclass(frozen=True)
 class RuntimeConfig:
-    """Where clients run: in this process, or in worker processes (0 workers = every core)."""
+    """Where clients run: in this process, in worker processes (0 workers = every core), or in
+    Ray actors on a Ray cluster (`address`: None starts a local Ray, "auto", "HOST:PORT" or
+    "ray://HOST:PORT" join a running one; 0 actors = one per cluster CPU)."""
 
-    kind: Literal["inprocess", "processes"] = "inprocess"
+    kind: Literal["inprocess", "processes", "ray"] = "inprocess"
     workers: int = 0
+    address: str | None = None
+    actors: int = 0
 
 
 @dataclass(frozen=True)
@@ -206,9 +211,38 @@ def _cross_checks(config: RunConfig, source: str) -> None:
         raise ConfigError(source, "data.shards_per_client", "must be at least 1")
     if config.runtime.workers < 0:
         raise ConfigError(source, "runtime.workers", "must be >= 0 (0 means every core)")
+    _check_ray(config.runtime, source)
     if data.partition == "natural" and data.dataset not in ("femnist", "shakespeare"):
         raise ConfigError(
             source, "data.partition", f"'natural' needs a dataset with owners, not {data.dataset!r}"
         )
     if any(h < 1 for h in config.model.hidden):
         raise ConfigError(source, "model.hidden", "layer sizes must be at least 1")
+
+
+def _check_ray(runtime: RuntimeConfig, source: str) -> None:
+    """`address` and `actors` belong to kind = "ray"; an address must look like one."""
+    if runtime.kind != "ray":
+        for key, value, unset in (
+            ("address", runtime.address, None),
+            ("actors", runtime.actors, 0),
+        ):
+            if value != unset:
+                raise ConfigError(source, f"runtime.{key}", 'only used with kind = "ray"')
+        return
+    if runtime.actors < 0:
+        raise ConfigError(source, "runtime.actors", "must be >= 0 (0 means one per cluster CPU)")
+    if importlib.util.find_spec("ray") is None:
+        raise ConfigError(source, "runtime.kind", "\"ray\" needs Ray: pip install 'fedloom[ray]'")
+    address = runtime.address
+    if address is None or address == "auto":
+        return
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not (sep and host and port.isdigit() and 0 < int(port) < 65536) or any(
+        c.isspace() or c in "/@?#" for c in host
+    ):
+        raise ConfigError(
+            source,
+            "runtime.address",
+            f'{address!r} is not "auto", "HOST:PORT" or "ray://HOST:PORT"',
+        )

@@ -190,7 +190,11 @@ def build_trainers(
 
 
 def build_transport(config: RunConfig, trainers: dict[str, Trainer]) -> Transport:
-    """The configured runtime over these clients."""
+    """The configured runtime over these clients (Ray is imported only for kind = "ray")."""
+    if config.runtime.kind == "ray":
+        from fedloom.runtime.ray_transport import RayTransport
+
+        return RayTransport(trainers, address=config.runtime.address, actors=config.runtime.actors)
     pool = ClientPool(trainers)
     if config.runtime.kind == "processes":
         return ProcessTransport(pool, workers=config.runtime.workers)
