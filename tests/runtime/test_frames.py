@@ -29,7 +29,7 @@ from fedloom.runtime.frames import (
     local_from_spec,
     local_spec,
 )
-from fedloom.runtime.processes import pack
+from fedloom.runtime.messages import pack
 
 
 def test_a_fit_task_round_trips_with_its_broadcast_and_client_half() -> None:

@@ -8,7 +8,8 @@ from fedloom.core.params import Params
 from fedloom.core.types import FitConfig, Update
 from fedloom.runtime.client import ClientPool
 from fedloom.runtime.federation import Federation, Settings
-from fedloom.runtime.processes import ProcessTransport, pack, unpack
+from fedloom.runtime.messages import pack, unpack
+from fedloom.runtime.processes import ProcessTransport
 from fedloom.runtime.transport import InProcessTransport, Transport
 
 

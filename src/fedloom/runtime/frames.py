@@ -32,7 +32,7 @@ from fedloom.core.types import (
 )
 from fedloom.core.wire import WireError, decode, encode
 from fedloom.proto import fedloom_pb2 as pb
-from fedloom.runtime.processes import pack, unpack
+from fedloom.runtime.messages import pack, unpack
 
 #: The protocol version this fedloom speaks (`Hello.protocol_version`, `Welcome`).
 PROTOCOL_VERSION = 1

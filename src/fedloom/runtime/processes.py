@@ -13,11 +13,9 @@ holding at most two, which balances the round's clients across workers by data s
 from __future__ import annotations
 
 import contextlib
-import json
 import multiprocessing as mp
 import os
 import signal
-import struct
 import sys
 import typing
 from collections import deque
@@ -32,47 +30,17 @@ from fedloom.algorithms.base import ClientState, LocalAlgorithm
 from fedloom.core.params import Params
 from fedloom.core.types import (
     EvalConfig,
-    Evaluation,
-    Failure,
     FitConfig,
     Reply,
     Task,
     TaskKind,
-    Update,
 )
 from fedloom.core.wire import decode, encode
 from fedloom.runtime.client import ClientPool
+from fedloom.runtime.messages import lost, pack, parse_reply, reply_message, unpack
 
-_LEN = struct.Struct("<I")
 #: Where a payload lies in shared memory: segment name, offset, size, round generation.
 Location = tuple[str, int, int, int]
-
-
-def pack(header: dict[str, Any], blobs: Sequence[bytes]) -> bytes:
-    """Frame a JSON header and binary blobs: u32 header length, header, blobs back to back."""
-    header = {**header, "_blobs": [len(b) for b in blobs]}
-    head = json.dumps(header, separators=(",", ":")).encode()
-    return b"".join([_LEN.pack(len(head)), head, *blobs])
-
-
-def unpack(message: bytes) -> tuple[dict[str, Any], list[memoryview]]:
-    """Inverse of `pack`."""
-    view = memoryview(message)
-    (hlen,) = _LEN.unpack_from(view, 0)
-    header: dict[str, Any] = json.loads(bytes(view[4 : 4 + hlen]))
-    blobs, offset = [], 4 + hlen
-    for size in header.pop("_blobs"):
-        blobs.append(view[offset : offset + size])
-        offset += size
-    return header, blobs
-
-
-def _encode_named(named: dict[str, Params]) -> tuple[list[str], list[bytes]]:
-    return list(named), [encode(p) for p in named.values()]
-
-
-def _decode_named(names: list[str], blobs: Sequence[memoryview]) -> dict[str, Params]:
-    return {name: decode(blob)[0] for name, blob in zip(names, blobs, strict=True)}
 
 
 class _Payloads:
@@ -172,65 +140,7 @@ def _worker(conn: Connection, pool: ClientPool, local: LocalAlgorithm) -> None:
         )
         pool.states[task.client_id] = state
         reply = pool.run(task, local)
-        conn.send_bytes(_reply_message(head["i"], reply, pool.states.pop(task.client_id, {})))
-
-
-def _reply_message(index: int, reply: Reply, state: ClientState) -> bytes:
-    head: dict[str, Any] = {
-        "i": index,
-        "client": reply.client_id,
-        "down": reply.bytes_down,
-        "up": reply.bytes_up,
-        "seconds": reply.seconds,
-    }
-    state_names, state_blobs = _encode_named(state)
-    head["state"] = state_names
-    blobs = list(state_blobs)
-    if reply.failure is not None:
-        head["failure"] = reply.failure.reason
-    elif reply.evaluation is not None:
-        head["evaluation"] = asdict(reply.evaluation)
-    elif reply.update is not None:
-        u = reply.update
-        try:
-            extra_names, extra_blobs = _encode_named(u.extras)
-            head["update"] = {
-                "num_examples": int(u.num_examples),
-                "num_steps": int(u.num_steps),
-                "metrics": {k: float(v) for k, v in u.metrics.items()},
-                "extras": extra_names,
-            }
-            blobs += [encode(u.delta), *extra_blobs]
-        except Exception as exc:  # an update that cannot even be encoded is rejected
-            head.pop("update", None)
-            head["failure"] = f"update could not be encoded: {type(exc).__name__}: {exc}"
-            blobs = list(state_blobs)
-    return pack(head, blobs)
-
-
-def _parse_reply(message: bytes) -> tuple[int, Reply, ClientState]:
-    head, blobs = unpack(message)
-    n_state = len(head["state"])
-    state = _decode_named(head["state"], blobs[:n_state])
-    common = {
-        "bytes_down": head["down"],
-        "bytes_up": head["up"],
-        "seconds": head["seconds"],
-    }
-    cid = head["client"]
-    if "failure" in head:
-        return head["i"], Reply(cid, failure=Failure(cid, head["failure"]), **common), state
-    if "evaluation" in head:
-        return head["i"], Reply(cid, evaluation=Evaluation(**head["evaluation"]), **common), state
-    u = head["update"]
-    delta = decode(blobs[n_state], copy=False)[0]  # read-only view of the message, no copy
-    extras = _decode_named(u["extras"], blobs[n_state + 1 :])
-    update = Update(delta, u["num_examples"], u["num_steps"], u["metrics"], extras)
-    return head["i"], Reply(cid, update=update, **common), state
-
-
-def _lost(task: Task, why: str) -> Reply:
-    return Reply(task.client_id, failure=Failure(task.client_id, why))
+        conn.send_bytes(reply_message(head["i"], reply, pool.states.pop(task.client_id, {})))
 
 
 class ProcessTransport:
@@ -305,7 +215,7 @@ class ProcessTransport:
 
         def lose(conn: Connection) -> None:
             for index in busy.pop(conn):
-                done[index] = _lost(tasks[index], "its worker process died")
+                done[index] = lost(tasks[index], "its worker process died")
             self._local = None  # restart the workers at the next dispatch
 
         def feed(conn: Connection) -> None:
@@ -324,10 +234,10 @@ class ProcessTransport:
             if not active:  # every worker died: the rest fail
                 while pending:
                     index = pending.popleft()
-                    done[index] = _lost(tasks[index], "no simulation worker left")
+                    done[index] = lost(tasks[index], "no simulation worker left")
             for conn in typing.cast(list[Connection], wait(active) if active else []):
                 try:
-                    index, reply, state = _parse_reply(conn.recv_bytes())
+                    index, reply, state = parse_reply(conn.recv_bytes())
                 except (EOFError, OSError):
                     lose(conn)
                     continue

@@ -36,7 +36,7 @@ from fedloom.core.trainer import Trainer
 from fedloom.core.types import EvalConfig, FitConfig, Reply, Task, TaskKind
 from fedloom.core.wire import decode, encode
 from fedloom.runtime.client import ClientPool
-from fedloom.runtime.processes import _lost, _parse_reply, _reply_message, pack, unpack
+from fedloom.runtime.messages import lost, pack, parse_reply, reply_message, unpack
 
 TrainerFactory = Callable[[], Mapping[str, Trainer]]
 ClientSource = ClientPool | Mapping[str, Trainer] | TrainerFactory
@@ -94,7 +94,7 @@ class _Host:
         self.pool.states[task.client_id] = state
         assert self.local is not None, "set_local before run"
         reply = self.pool.run(task, self.local)
-        return _reply_message(head["i"], reply, self.pool.states.pop(task.client_id, {}))
+        return reply_message(head["i"], reply, self.pool.states.pop(task.client_id, {}))
 
 
 def _size(trainer: Trainer) -> int:
@@ -193,7 +193,7 @@ class RayTransport:
             if not running:  # every actor died: the rest fail
                 while pending:
                     index = pending.pop()
-                    done[index] = _lost(tasks[index], "no Ray actor left")
+                    done[index] = lost(tasks[index], "no Ray actor left")
             else:
                 (ready,), _ = ray.wait(list(running), num_returns=1)
                 index, slot = running.pop(ready)
@@ -210,10 +210,10 @@ class RayTransport:
             message = ray.get(ref)
         except ray.exceptions.RayActorError as exc:
             self._hosts[slot] = None  # replaced at the next dispatch
-            return _lost(task, f"its Ray actor died ({type(exc).__name__})")
+            return lost(task, f"its Ray actor died ({type(exc).__name__})")
         except ray.exceptions.RayError as exc:
-            return _lost(task, f"Ray failed the task: {type(exc).__name__}: {exc}"[:500])
-        _, reply, state = _parse_reply(bytes(message))
+            return lost(task, f"Ray failed the task: {type(exc).__name__}: {exc}"[:500])
+        _, reply, state = parse_reply(bytes(message))
         self.states[reply.client_id] = state
         return reply
 
