@@ -2,11 +2,9 @@
 
 import pytest
 import torch
-from harness import train
+from harness import mcmahan_clients, train
 
 from fedloom import FedAvg, Settings
-from fedloom.adapters import TorchTrainer
-from fedloom.data import load_mnist, partition
 from fedloom.models import mlp
 
 
@@ -14,13 +12,7 @@ from fedloom.models import mlp
 def test_mnist_2nn_iid_reaches_97_percent() -> None:
     """E=1, B=10, C=0.1 over 100 IID clients; McMahan et al. report 87 rounds (Table 1)."""
     torch.manual_seed(0)
-    train_set, test_set = load_mnist()
-    model = mlp(784, [200, 200], 10)
-    clients = {
-        f"c{i}": TorchTrainer(model, (train_set.x[idx], train_set.y[idx]))
-        for i, idx in enumerate(partition.iid(len(train_set), 100, seed=0))
-    }
-    server = TorchTrainer(model, (test_set.x, test_set.y), (test_set.x, test_set.y))
+    clients, server = mcmahan_clients(mlp(784, [200, 200], 10), "iid")
     settings = Settings(
         rounds=150,
         fraction_fit=0.1,

@@ -5,12 +5,10 @@ per client), shortened from bench/repro/mcmahan_2nn.py: 30 rounds instead of the
 
 import pytest
 import torch
-from harness import train
+from harness import mcmahan_clients, train
 from mcmahan_2nn import STRATEGIES  # the reproduction's own configurations
 
 from fedloom import Settings
-from fedloom.adapters import TorchTrainer
-from fedloom.data import load_mnist, partition
 from fedloom.models import mlp
 
 
@@ -20,14 +18,7 @@ def test_2nn_non_iid_learns_in_30_rounds(name: str) -> None:
     """Measured (seed 0, 2026-11-23) best of rounds 26-30: FedAvg 0.890, FedAdam 0.889,
     SCAFFOLD 0.911; the curves dip for a round or two, so the bar takes the best of five."""
     torch.manual_seed(0)
-    train_set, test_set = load_mnist()
-    model = mlp(784, [200, 200], 10)
-    parts = partition.shards(train_set.y, 100, seed=0, shards_per_client=2)
-    clients = {
-        f"c{i:02d}": TorchTrainer(model, (train_set.x[idx], train_set.y[idx]))
-        for i, idx in enumerate(parts)
-    }
-    server = TorchTrainer(model, (test_set.x, test_set.y), (test_set.x, test_set.y))
+    clients, server = mcmahan_clients(mlp(784, [200, 200], 10), "shards")
     settings = Settings(
         rounds=30, fraction_fit=0.1, epochs=1, batch_size=10, learning_rate=0.1, seed=0
     )

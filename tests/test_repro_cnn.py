@@ -6,11 +6,9 @@ bench/repro/mcmahan_cnn.py; this is its first rounds with E=1, evaluated once at
 
 import pytest
 import torch
-from harness import train
+from harness import mcmahan_clients, train
 
 from fedloom import FedAvg, Settings
-from fedloom.adapters import TorchTrainer
-from fedloom.data import load_mnist, partition
 from fedloom.models import mnist_cnn
 
 
@@ -18,13 +16,7 @@ from fedloom.models import mnist_cnn
 def test_mnist_cnn_iid_learns_in_three_rounds() -> None:
     """E=1, B=10, C=0.1 over 100 IID clients, lr 0.1, 3 rounds; accuracy on 2,000 test images."""
     torch.manual_seed(0)
-    train_set, test_set = load_mnist()
-    model = mnist_cnn()
-    clients = {
-        f"c{i}": TorchTrainer(model, (train_set.x[idx], train_set.y[idx]))
-        for i, idx in enumerate(partition.iid(len(train_set), 100, seed=0))
-    }
-    server = TorchTrainer(model, (test_set.x, test_set.y), (test_set.x[:2000], test_set.y[:2000]))
+    clients, server = mcmahan_clients(mnist_cnn(), "iid", test_size=2000)
     settings = Settings(
         rounds=3,
         fraction_fit=0.1,
@@ -38,6 +30,7 @@ def test_mnist_cnn_iid_learns_in_three_rounds() -> None:
     accuracy = result.metric("accuracy")
     print(f"accuracy after 3 rounds: {accuracy}")
     assert len(accuracy) == 1
-    # we measured 0.758, 0.8775, 0.925 after rounds 1, 2, 3: the bar needs all three rounds
+    # we measured 0.758, 0.8775, 0.925 after rounds 1, 2, 3 (0.926 after the aggregation moved
+    # to BLAS axpy, which rounds differently): the bar needs all three rounds
     # to build on each other; a model that stays put (server_lr=0) scores ~0.1
     assert accuracy[0] >= 0.89

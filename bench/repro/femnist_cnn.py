@@ -26,11 +26,9 @@ from __future__ import annotations
 import argparse
 
 import torch
-from harness import row, train
+from harness import femnist_clients, row, train
 
 from fedloom import FedAvg, Settings
-from fedloom.adapters import TorchTrainer
-from fedloom.data import load_femnist
 from fedloom.models import mnist_cnn
 
 TARGET = 0.75
@@ -41,14 +39,7 @@ def run(
 ) -> str:
     """Train until 75% or `max_rounds`; return a markdown table row."""
     torch.manual_seed(seed)
-    data = load_femnist()
-    model = mnist_cnn(num_classes=62, fc=2048)
-    clients = {
-        writer: TorchTrainer(model, (1.0 - part.x, part.y))
-        for writer, (part, _) in data.clients.items()
-    }
-    test = data.pooled("test")
-    server = TorchTrainer(model, (1.0 - test.x, test.y), (1.0 - test.x, test.y))
+    clients, server = femnist_clients(mnist_cnn(num_classes=62, fc=2048))
     settings = Settings(
         rounds=max_rounds,
         fraction_fit=clients_per_round / len(clients),

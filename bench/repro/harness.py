@@ -8,9 +8,13 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable, Mapping
+from typing import Literal
+
+from torch import nn
 
 from fedloom import EvalConfig, Federation, RoundResult, RunResult, Settings, Strategy
 from fedloom.adapters import TorchTrainer
+from fedloom.data import load_femnist, load_mnist, partition
 
 
 def log_round(result: RoundResult) -> None:
@@ -63,3 +67,37 @@ def row(label: str, result: RunResult, wall: float) -> str:
         f"{len(acc)}" if result.stopped == "target" else f"not in {len(acc)} (best {max(acc):.4f})"
     )
     return f"| {label} | {reached} | {acc[-1]:.4f} | {wall:.0f} | {wall / len(acc):.2f} |"
+
+
+def mcmahan_clients(
+    model: nn.Module, split: Literal["iid", "shards"], *, test_size: int | None = None
+) -> tuple[dict[str, TorchTrainer], TorchTrainer]:
+    """McMahan et al.'s MNIST federation around `model`: 100 clients of 600 images, IID or 2
+    label-sorted shards each (seed 0), and a server trainer holding the MNIST test set (its
+    first `test_size` images, if given)."""
+    train_set, test_set = load_mnist()
+    parts = (
+        partition.iid(len(train_set), 100, seed=0)
+        if split == "iid"
+        else partition.shards(train_set.y, 100, seed=0, shards_per_client=2)
+    )
+    clients = {
+        f"c{i:02d}": TorchTrainer(model, (train_set.x[idx], train_set.y[idx]))
+        for i, idx in enumerate(parts)
+    }
+    test = (test_set.x[:test_size], test_set.y[:test_size])
+    return clients, TorchTrainer(model, test, test)
+
+
+def femnist_clients(model: nn.Module) -> tuple[dict[str, TorchTrainer], TorchTrainer]:
+    """LEAF FEMNIST around `model`: one client per writer (natural partition) and a server
+    trainer holding the pooled test sets of all writers; images inverted to `1 - x` (LEAF
+    stores a white background)."""
+    data = load_femnist()
+    clients = {
+        writer: TorchTrainer(model, (1.0 - part.x, part.y))
+        for writer, (part, _) in data.clients.items()
+    }
+    test = data.pooled("test")
+    inverted = (1.0 - test.x, test.y)
+    return clients, TorchTrainer(model, inverted, inverted)

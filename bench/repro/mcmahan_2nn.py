@@ -12,11 +12,9 @@ from __future__ import annotations
 import argparse
 
 import torch
-from harness import row, train
+from harness import mcmahan_clients, row, train
 
 from fedloom import FedAdam, FedAvg, FedAvgM, Scaffold, Settings, Strategy
-from fedloom.adapters import TorchTrainer
-from fedloom.data import load_mnist, partition
 from fedloom.models import mlp
 
 #: One configuration per strategy; not tuned beyond a guess (say so when reporting).
@@ -31,18 +29,7 @@ STRATEGIES: dict[str, Strategy] = {
 def run(name: str, max_rounds: int, iid: bool, lr: float, workers: int) -> str:
     """Train until 97% or `max_rounds`; return a markdown table row."""
     torch.manual_seed(0)
-    train_set, test_set = load_mnist()
-    model = mlp(784, [200, 200], 10)
-    parts = (
-        partition.iid(len(train_set), 100, seed=0)
-        if iid
-        else partition.shards(train_set.y, 100, seed=0, shards_per_client=2)
-    )
-    clients = {
-        f"c{i:02d}": TorchTrainer(model, (train_set.x[idx], train_set.y[idx]))
-        for i, idx in enumerate(parts)
-    }
-    server = TorchTrainer(model, (test_set.x, test_set.y), (test_set.x, test_set.y))
+    clients, server = mcmahan_clients(mlp(784, [200, 200], 10), "iid" if iid else "shards")
     settings = Settings(
         rounds=max_rounds,
         fraction_fit=0.1,

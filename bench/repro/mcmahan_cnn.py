@@ -13,11 +13,9 @@ from __future__ import annotations
 import argparse
 
 import torch
-from harness import row, train
+from harness import mcmahan_clients, row, train
 
 from fedloom import FedAvg, Settings
-from fedloom.adapters import TorchTrainer
-from fedloom.data import load_mnist, partition
 from fedloom.models import mnist_cnn
 
 TARGET = 0.99
@@ -26,13 +24,7 @@ TARGET = 0.99
 def run(max_rounds: int, lr: float, workers: int, epochs: int) -> str:
     """Train until 99% or `max_rounds`; return a markdown table row."""
     torch.manual_seed(0)
-    train_set, test_set = load_mnist()
-    model = mnist_cnn()
-    clients = {
-        f"c{i:02d}": TorchTrainer(model, (train_set.x[idx], train_set.y[idx]))
-        for i, idx in enumerate(partition.iid(len(train_set), 100, seed=0))
-    }
-    server = TorchTrainer(model, (test_set.x, test_set.y), (test_set.x, test_set.y))
+    clients, server = mcmahan_clients(mnist_cnn(), "iid")
     settings = Settings(
         rounds=max_rounds,
         fraction_fit=0.1,
