@@ -5,15 +5,13 @@ from dataclasses import replace
 import torch
 
 from fedloom.config import parse_config
-from fedloom.experiment import build_strategy, build_trainers, load_clients, standardize
+from fedloom.experiment import build_strategy, build_trainers, load_clients, prepared_clients
 from fedloom.runtime.federation import Federation
 
 
 def run(raw: dict[str, dict[str, object]]) -> list[dict[str, float]]:
     config = parse_config(raw)
-    clients = load_clients(config.data, config.federation.seed)
-    if config.model.kind == "logistic":
-        clients = standardize(clients)
+    clients = prepared_clients(config)
     trainers, initial, evaluate = build_trainers(config.model, clients)
     strategy = build_strategy(config.strategy, len(trainers))
     with Federation.simulation(strategy, trainers, config.federation, evaluate_fn=evaluate) as f:

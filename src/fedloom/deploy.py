@@ -72,11 +72,9 @@ def serve(
 def config_trainer(config: RunConfig, partition: int) -> tuple[str, Trainer]:
     """The id and trainer of client number `partition` of `config`'s data split (the same
     split, standardization and model a simulation of `config` builds)."""
-    from fedloom.experiment import Clients, build_trainers, load_clients, standardize
+    from fedloom.experiment import Clients, build_trainers, prepared_clients
 
-    clients = load_clients(config.data, config.federation.seed)
-    if config.model.kind in ("logistic", "sklearn_sgd"):
-        clients = standardize(clients)
+    clients = prepared_clients(config)
     ids = list(clients.parts)
     if not 0 <= partition < len(ids):
         raise ConfigError(

@@ -117,6 +117,15 @@ def load_clients(config: DataConfig, seed: int) -> Clients:
     return Clients(parts, test, num_classes)
 
 
+def prepared_clients(config: RunConfig) -> Clients:
+    """The clients of `config`'s data split, standardized when its model needs that (linear
+    models); what every runtime of the config trains on."""
+    clients = load_clients(config.data, config.federation.seed)
+    if config.model.kind in ("logistic", "sklearn_sgd"):
+        clients = standardize(clients)
+    return clients
+
+
 def standardize(clients: Clients) -> Clients:
     """Federated feature standardization: clients report only per-feature sums, sums of squares
     and counts; the server combines them into one mean and scale that every client applies."""
@@ -219,9 +228,7 @@ def run_experiment(
     from fedloom.report import Progress, human_bytes, rounds_table
 
     store_path = store_path.resolve()  # checkpoints and models are recorded by absolute path
-    clients = load_clients(config.data, config.federation.seed)
-    if config.model.kind in ("logistic", "sklearn_sgd"):
-        clients = standardize(clients)
+    clients = prepared_clients(config)
     trainers, initial, evaluate = build_trainers(config.model, clients)
     ids = list(trainers) if client_ids is None else list(client_ids)
     strategy = build_strategy(config.strategy, len(ids))
