@@ -289,12 +289,19 @@ class Federation:
             # Client-half states (SCAFFOLD's c_i) as they were before the attempt: a discarded
             # attempt must not leave its clients' states advanced. States are replaced, never
             # mutated (the `LocalAlgorithm` contract), so copying each client's dict suffices.
-            before = {cid: dict(st) for cid, st in self.transport.client_states().items() if st}
+            # (Only taken when a retry can follow: it walks every client's state.)
+            retry_possible = attempt < s.max_retries
+            before = (
+                {cid: dict(st) for cid, st in self.transport.client_states().items() if st}
+                if retry_possible
+                else {}
+            )
             mean = self._fit(state, number, attempt, tally)
             if mean.num_clients >= s.replies_needed:
                 break
             tally.clients.clear()  # the attempt's updates are discarded with it
-            self.transport.restore_client_states(before)
+            if retry_possible:
+                self.transport.restore_client_states(before)
         else:
             raise RoundFailed(
                 f"round {number}: {mean.num_clients} valid update(s), {s.replies_needed} needed, "
