@@ -68,12 +68,13 @@ def test_finiteness_and_norm() -> None:
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
-def test_finiteness_when_the_sum_overflows(dtype: type) -> None:
-    """Huge but finite values whose sum overflows are finite; one Inf or -Inf is not."""
+def test_finiteness_when_the_sum_of_squares_overflows(dtype: type) -> None:
+    """Huge but finite values whose sum of squares (the fast check) overflows are finite; one
+    Inf or -Inf is not."""
     big = np.finfo(dtype).max
     p = Params.from_arrays({"w": np.full(8, big)}, dtype)
     with np.errstate(over="ignore"):
-        assert not np.isfinite(p.flat.sum())  # the fast path cannot decide here
+        assert not np.isfinite(np.dot(p.flat, p.flat))  # the fast check cannot decide here
     assert p.is_finite()
     for bad in (np.inf, -np.inf, np.nan):
         p.flat[3] = bad
