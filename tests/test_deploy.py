@@ -10,12 +10,14 @@ from pathlib import Path
 
 import numpy as np
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from toy import federation_of, initial
 
 import fedloom
 from fedloom.algorithms import Scaffold
 from fedloom.certs import PkiFiles, write_test_pki
 from fedloom.cli import main
+from fedloom.runtime.enrolment import common_name
 from fedloom.runtime.federation import Federation, Settings
 from fedloom.runtime.participant import run_participant
 from fedloom.runtime.remote import GrpcTransport
@@ -24,14 +26,22 @@ SRC = Path(fedloom.__file__).resolve().parents[1]
 
 
 def test_certs_command_writes_a_ca_and_certificates_it_signed(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
-    assert main(["certs", str(tmp_path / "pki")]) == 0
+    assert main(["certs", str(tmp_path / "pki"), "--clients", "a,b"]) == 0
     files = PkiFiles.in_folder(tmp_path / "pki")
     ca = x509.load_pem_x509_certificate(files.ca.read_bytes())
     server = x509.load_pem_x509_certificate(files.server_cert.read_bytes())
-    client = x509.load_pem_x509_certificate(files.client_cert.read_bytes())
-    for cert in (server, client):
+    # enrolling another client later keeps the CA (and the certificates it already signed)
+    assert main(["certs", str(tmp_path / "pki"), "--clients", "c"]) == 0
+    assert files.ca.read_bytes() == ca.public_bytes(serialization.Encoding.PEM)
+    clients = {
+        cid: x509.load_pem_x509_certificate(files.client_files(cid)[0].read_bytes())
+        for cid in "abc"
+    }
+    for cert in (server, *clients.values()):
         assert cert.issuer == ca.subject
         cert.verify_directly_issued_by(ca)
+    assert {cid: common_name(cert) for cid, cert in clients.items()} == {c: c for c in "abc"}
+    assert files.client_files("c")[1].stat().st_mode & 0o777 == 0o600
     sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
     assert sans.get_values_for_type(x509.DNSName) == ["localhost"]
@@ -41,7 +51,7 @@ def test_certs_command_writes_a_ca_and_certificates_it_signed(tmp_path: Path, ca
 
 def test_scaffold_over_grpc_equals_the_simulation(tmp_path: Path) -> None:
     """Each participant keeps its own control variate c_i across rounds."""
-    pki = write_test_pki(tmp_path)
+    pki = write_test_pki(tmp_path)  # server-only TLS: ids are not bound to certificates
     settings = Settings(rounds=3, fraction_fit=1.0, fraction_evaluate=1.0, learning_rate=0.05)
     stop = threading.Event()
     with GrpcTransport(
@@ -73,7 +83,7 @@ def test_scaffold_over_grpc_equals_the_simulation(tmp_path: Path) -> None:
 
 
 def test_server_and_client_commands_run_a_federation(tmp_path: Path) -> None:
-    write_test_pki(tmp_path / "certs")
+    write_test_pki(tmp_path / "certs", clients=["client-0", "client-1"])
     config = tmp_path / "run.toml"
     config.write_text(
         '[data]\ndataset = "breast_cancer"\nnum_clients = 2\n'

@@ -5,7 +5,8 @@
     ca.pem, ca.key          a self-signed certificate authority (keep ca.key private)
     server.pem, server.key  the server's certificate, with SANs for the given hosts
                             (default 127.0.0.1 and localhost)
-    client.pem, client.key  a client certificate, for servers that require mutual TLS
+    clients/<id>.pem, .key  one certificate per client, its common name the client id:
+                            the server takes a client's identity from it (mutual TLS)
 
 For tests and trials. In production use your organisation's CA; the keys here are EC P-256,
 valid for `days` days, and written with mode 0600.
@@ -26,6 +27,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 DEFAULT_HOSTS = ("127.0.0.1", "localhost")
+#: The longest client id (also the protocol's limit).
+MAX_CLIENT_ID = 256
 
 
 @dataclass(frozen=True)
@@ -131,52 +134,101 @@ def issue(
     return Issued(builder.sign(ca.key, hashes.SHA256()), key)
 
 
+def check_client_id(client_id: str) -> str:
+    """`client_id` if it can name a client (and its certificate files), else `ValueError`."""
+    if (
+        not client_id
+        or len(client_id) > MAX_CLIENT_ID
+        or not client_id.isprintable()
+        or any(c in client_id for c in "/\\")
+        or client_id.startswith(".")
+    ):
+        raise ValueError(
+            f"client id {client_id!r} must be 1 to {MAX_CLIENT_ID} printable characters, "
+            "without '/' or '\\', not starting with '.'"
+        )
+    return client_id
+
+
 @dataclass(frozen=True)
 class PkiFiles:
-    """Paths of the files `write_test_pki` wrote."""
+    """Where a PKI folder keeps its files (whether or not they exist yet)::
 
-    ca: Path
-    ca_key: Path
-    server_cert: Path
-    server_key: Path
-    client_cert: Path
-    client_key: Path
+    ca.pem, ca.key                  the certificate authority
+    server.pem, server.key          the server
+    clients/<id>.pem, <id>.key      one certificate per client, common name = the client id
+    """
+
+    folder: Path
 
     @classmethod
     def in_folder(cls, folder: str | Path) -> PkiFiles:
-        """The standard file names inside `folder` (whether or not they exist)."""
-        d = Path(folder)
-        return cls(
-            d / "ca.pem",
-            d / "ca.key",
-            d / "server.pem",
-            d / "server.key",
-            d / "client.pem",
-            d / "client.key",
-        )
+        """The files of the PKI folder `folder`."""
+        return cls(Path(folder))
+
+    @property
+    def ca(self) -> Path:
+        return self.folder / "ca.pem"
+
+    @property
+    def ca_key(self) -> Path:
+        return self.folder / "ca.key"
+
+    @property
+    def server_cert(self) -> Path:
+        return self.folder / "server.pem"
+
+    @property
+    def server_key(self) -> Path:
+        return self.folder / "server.key"
+
+    def client_files(self, client_id: str) -> tuple[Path, Path]:
+        """(certificate, key) paths of client `client_id`."""
+        base = self.folder / "clients" / check_client_id(client_id)
+        return base.with_name(base.name + ".pem"), base.with_name(base.name + ".key")
+
+
+def _write(issued: Issued, cert_path: Path, key_path: Path) -> None:
+    cert_path.parent.mkdir(parents=True, exist_ok=True)
+    cert_path.write_bytes(issued.cert_pem)
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(issued.key_pem)
 
 
 def write_test_pki(
     folder: str | Path,
     *,
     hosts: Sequence[str] = DEFAULT_HOSTS,
-    client_name: str = "fedloom client",
+    clients: Sequence[str] = (),
     days: int = 365,
 ) -> PkiFiles:
-    """Create a CA, a server certificate for `hosts` and a client certificate; write them as
-    PEM files into `folder` (created if needed; existing files are overwritten)."""
+    """Create a CA, a server certificate for `hosts` and one client certificate per id in
+    `clients`; write them as PEM files into `folder` (created if needed; existing files are
+    overwritten). More clients can be enrolled later with `enrol_clients`."""
     files = PkiFiles.in_folder(folder)
-    files.ca.parent.mkdir(parents=True, exist_ok=True)
     ca = make_ca(days=days)
     server = issue(ca, hosts[0] if hosts else "fedloom server", hosts=hosts, days=days)
-    client = issue(ca, client_name, server=False, days=days)
-    for issued, cert_path, key_path in (
-        (ca, files.ca, files.ca_key),
-        (server, files.server_cert, files.server_key),
-        (client, files.client_cert, files.client_key),
-    ):
-        cert_path.write_bytes(issued.cert_pem)
-        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(issued.key_pem)
+    _write(ca, files.ca, files.ca_key)
+    _write(server, files.server_cert, files.server_key)
+    enrol_clients(files, clients, days=days)
     return files
+
+
+def enrol_clients(files: PkiFiles, clients: Sequence[str], *, days: int = 365) -> list[Path]:
+    """Issue a client certificate (common name = the id) for each of `clients` with the CA in
+    `files` (its `ca.key` must be there); returns the certificate paths written."""
+    ids = [check_client_id(cid) for cid in clients]
+    if not ids:
+        return []
+    ca_cert = x509.load_pem_x509_certificate(files.ca.read_bytes())
+    ca_key = serialization.load_pem_private_key(files.ca_key.read_bytes(), password=None)
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"{files.ca_key}: expected an EC private key")
+    ca = Issued(ca_cert, ca_key)
+    written = []
+    for cid in ids:
+        cert_path, key_path = files.client_files(cid)
+        _write(issue(ca, cid, server=False, days=days), cert_path, key_path)
+        written.append(cert_path)
+    return written

@@ -88,11 +88,29 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def cmd_certs(args: argparse.Namespace) -> int:
     """Write a test CA and server/client certificates into a folder."""
-    from fedloom.certs import write_test_pki
+    from fedloom.certs import PkiFiles, check_client_id, enrol_clients, write_test_pki
 
     hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
-    files = write_test_pki(args.folder, hosts=hosts)
-    print(f"wrote {files.ca}, {files.server_cert}, {files.client_cert} and their keys")
+    ids = [c.strip() for c in (args.clients or "").split(",") if c.strip()]
+    if args.config is not None:
+        from fedloom.experiment import prepared_clients
+
+        ids += [cid for cid in prepared_clients(load_config(args.config)).parts if cid not in ids]
+    for cid in ids:
+        try:
+            check_client_id(cid)
+        except ValueError as exc:
+            raise ConfigError("(arguments)", "--clients", str(exc)) from exc
+    files = PkiFiles.in_folder(args.folder)
+    if files.ca.exists() and files.ca_key.exists():
+        written = enrol_clients(files, ids)
+        print(f"enrolled {len(written)} client(s) with the existing CA {files.ca}")
+        return 0
+    write_test_pki(args.folder, hosts=hosts, clients=ids)
+    print(
+        f"wrote {files.ca}, {files.server_cert} and {len(ids)} client certificate(s) "
+        f"in {files.folder / 'clients'}, with their keys"
+    )
     return 0
 
 
@@ -110,6 +128,8 @@ def cmd_server(args: argparse.Namespace) -> int:
         clients=clients,
         wait=args.wait,
         timeout=args.round_timeout,
+        allow=Path(args.allow) if args.allow else None,
+        revoked=Path(args.revoked) if args.revoked else None,
         quiet=args.quiet,
     )
 
@@ -134,11 +154,15 @@ def cmd_client(args: argparse.Namespace) -> int:
 
 
 def _deploy_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    certs = sub.add_parser("certs", help="write a test CA and server/client certificates")
+    certs = sub.add_parser(
+        "certs", help="write a test CA, server and client certificates (or enrol more clients)"
+    )
     certs.add_argument("folder")
     certs.add_argument(
         "--hosts", default="127.0.0.1,localhost", help="server SANs, comma-separated"
     )
+    certs.add_argument("--clients", help="client ids to certify, comma-separated")
+    certs.add_argument("--config", help="certify every client of this run configuration")
     certs.set_defaults(func=cmd_certs)
     server = sub.add_parser("server", help="run a federation over gRPC (TLS) for real clients")
     server.add_argument("--config", help="a TOML run configuration (default: the embedded one)")
@@ -148,12 +172,14 @@ def _deploy_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     server.add_argument("--wait", type=float, default=300.0, help="seconds to wait for them")
     server.add_argument("--round-timeout", type=float, default=600.0, help="seconds per dispatch")
     server.add_argument("--store", help="run store file (default: the config's store.path)")
+    server.add_argument("--allow", help="allow-list file: the client ids that may join")
+    server.add_argument("--revoked", help="revoked client ids or certificate fingerprints")
     server.add_argument("--quiet", action="store_true", help="no progress bar")
     server.set_defaults(func=cmd_server)
     client = sub.add_parser("client", help="serve tasks from a fedloom server")
     client.add_argument("--server", required=True, help="host:port of the server")
     client.add_argument("--client-id", help="this client's id (default with --config: its name)")
-    client.add_argument("--certs", default="certs", help="folder with ca.pem, client.pem/.key")
+    client.add_argument("--certs", default="certs", help="folder with ca.pem, clients/ID.pem/.key")
     client.add_argument("--trainer", help="module:function(client_id) -> Trainer")
     client.add_argument("--config", help="a TOML run configuration to build the trainer from")
     client.add_argument("--partition", type=int, help="with --config: which client (0-based)")

@@ -6,19 +6,27 @@ client is a separate process (on another machine, or behind NAT: clients connect
 (`--config FILE --partition K`: the K-th client of the config's data split, as simulation
 builds it).
 
-Certificates come from one folder (`fedloom certs DIR` writes a test set): the server reads
-`ca.pem`, `server.pem`, `server.key` and requires clients to present a certificate signed by
-`ca.pem` (mutual TLS); a client reads `ca.pem`, `client.pem`, `client.key`.
+Certificates come from one folder (`fedloom certs DIR --clients ID,...` writes a test set): the
+server reads `ca.pem`, `server.pem`, `server.key` and requires every client to present a
+certificate signed by `ca.pem` (mutual TLS) whose common name is the client's id; a client
+reads `ca.pem` and its own `clients/<id>.pem`, `clients/<id>.key`. An allow-list file narrows
+who may join and a revocation file shuts clients out (`fedloom.runtime.enrolment`); the server
+re-reads both when they change, and drops a revoked client's session at once.
 """
 
 from __future__ import annotations
 
 import importlib
+import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedloom.certs import PkiFiles
 from fedloom.config import ConfigError, RunConfig
 from fedloom.core.trainer import Trainer
+
+if TYPE_CHECKING:
+    from fedloom.runtime.remote import GrpcTransport
 
 
 def _read(path: Path, what: str) -> bytes:
@@ -37,17 +45,26 @@ def serve(
     clients: int,
     wait: float,
     timeout: float,
+    allow: Path | None = None,
+    revoked: Path | None = None,
     quiet: bool = False,
 ) -> int:
     """Listen on `address`, wait up to `wait` seconds for `clients` clients, then run `config`
-    over them (rounds, strategy, evaluation; recorded in `store_path`). Returns the exit
-    status: 0 when the run finished, 1 if too few clients came, 2 if it cannot listen."""
+    over them (rounds, strategy, evaluation; recorded in `store_path`). `allow` and `revoked`
+    are the enrolment files (`Enrolment.from_files`), watched for changes while it runs.
+    Returns the exit status: 0 when the run finished, 1 if too few clients came, 2 if it
+    cannot listen."""
     import sys
 
     from fedloom.experiment import run_experiment
+    from fedloom.runtime.enrolment import Enrolment, EnrolmentError
     from fedloom.runtime.remote import GrpcTransport
 
     files = PkiFiles.in_folder(certs)
+    try:
+        enrolment = Enrolment.from_files(allow, revoked)
+    except EnrolmentError as exc:
+        raise ConfigError(str(exc).split(":", 1)[0], "(enrolment)", str(exc)) from exc
     try:
         transport = GrpcTransport(
             address,
@@ -55,10 +72,13 @@ def serve(
             server_key=_read(files.server_key, "server key"),
             client_ca=_read(files.ca, "CA certificate"),
             timeout=timeout,
+            enrolment=enrolment,
         )
     except OSError as exc:
         print(f"fedloom: error: {exc}", file=sys.stderr)
         return 2
+    if allow is not None or revoked is not None:
+        watch_enrolment(transport, allow, revoked)
     print(f"fedloom server: listening on {transport.address}", flush=True)
     ids = transport.wait_for_clients(clients, wait)
     if len(ids) < clients:
@@ -67,6 +87,39 @@ def serve(
         return 1
     print(f"fedloom server: {len(ids)} clients connected: {', '.join(ids)}", flush=True)
     return run_experiment(config, store_path, quiet=quiet, transport=transport, client_ids=ids)
+
+
+def watch_enrolment(
+    transport: GrpcTransport, allow: Path | None, revoked: Path | None, every: float = 1.0
+) -> threading.Thread:
+    """Re-read the enrolment files whenever one changes (checked every `every` seconds) and
+    apply them to `transport` (revoked clients lose their sessions at once). A file that has
+    become unreadable or malformed keeps the previous policy, with a message on stderr."""
+    import sys
+
+    from fedloom.runtime.enrolment import Enrolment, EnrolmentError
+
+    paths = [p for p in (allow, revoked) if p is not None]
+
+    def stamps() -> list[float]:
+        return [p.stat().st_mtime if p.exists() else -1.0 for p in paths]
+
+    def loop() -> None:
+        seen = stamps()
+        while not transport.closed.wait(every):
+            now = stamps()
+            if now == seen:
+                continue
+            seen = now
+            try:
+                transport.set_enrolment(Enrolment.from_files(allow, revoked))
+                print("fedloom server: enrolment files re-read", flush=True)
+            except EnrolmentError as exc:
+                print(f"fedloom server: enrolment unchanged: {exc}", file=sys.stderr, flush=True)
+
+    thread = threading.Thread(target=loop, daemon=True, name="fedloom-enrolment")
+    thread.start()
+    return thread
 
 
 def config_trainer(config: RunConfig, partition: int) -> tuple[str, Trainer]:
@@ -110,6 +163,7 @@ def participate(
 
     from fedloom.runtime.participant import ParticipantError, run_participant
 
+    cert, key = PkiFiles.in_folder(certs).client_files(client_id)
     files = PkiFiles.in_folder(certs)
     try:
         done = run_participant(
@@ -117,8 +171,8 @@ def participate(
             client_id,
             trainer,
             root_cert=_read(files.ca, "CA certificate"),
-            cert_chain=_read(files.client_cert, "client certificate"),
-            private_key=_read(files.client_key, "client key"),
+            cert_chain=_read(cert, f"certificate of client {client_id}"),
+            private_key=_read(key, f"key of client {client_id}"),
             retry_for=retry_for,
         )
     except ParticipantError as exc:

@@ -24,6 +24,7 @@ from fedloom.runtime.frames import (
     chunks,
     decode_reply,
     decode_task,
+    encode_blob,
     encode_reply,
     encode_task,
     local_from_spec,
@@ -32,14 +33,25 @@ from fedloom.runtime.frames import (
 from fedloom.runtime.messages import pack
 
 
+def _round_trip(
+    task: Task, spec: dict[str, object], task_id: int = 1
+) -> tuple[int, bytes, Task, object]:
+    """Encode `task` with its arrays as blobs (ids by position), decode it back."""
+    arrays = [task.params, *task.broadcast.values()]
+    blobs = {100 + i: encode_blob(p) for i, p in enumerate(arrays)}
+    ids = {id(p): 100 + i for i, p in enumerate(arrays)}
+    frame = encode_task(task_id, task, spec, lambda p: ids[id(p)], b"\x01" * 16)
+    return decode_task(frame, blobs)
+
+
 def test_a_fit_task_round_trips_with_its_broadcast_and_client_half() -> None:
     params = initial().with_flat(initial().flat + 1.5)
     control = params * -2.0
     fit = FitConfig(round=3, epochs=2, batch_size=5, learning_rate=0.2, seed=9, proximal_mu=0.1)
     task = Task("c1", TaskKind.FIT, params, fit, None, {"control": control})
     for local in (PlainLocal(), ProximalLocal(0.25), ScaffoldLocal()):
-        task_id, back, back_local = decode_task(encode_task(42, task, local_spec(local)))
-        assert task_id == 42 and back_local == local
+        task_id, nonce, back, back_local = _round_trip(task, local_spec(local), 42)
+        assert task_id == 42 and back_local == local and nonce == b"\x01" * 16
         assert back.client_id == "c1" and back.kind is TaskKind.FIT and back.fit == fit
         np.testing.assert_array_equal(back.params.flat, params.flat)
         np.testing.assert_array_equal(back.broadcast["control"].flat, control.flat)
@@ -47,8 +59,16 @@ def test_a_fit_task_round_trips_with_its_broadcast_and_client_half() -> None:
 
 def test_an_evaluate_task_round_trips() -> None:
     task = Task("c1", TaskKind.EVALUATE, initial(), evaluate=EvalConfig(round=4, batch_size=7))
-    _, back, _ = decode_task(encode_task(1, task, local_spec(PlainLocal())))
+    _, _, back, _ = _round_trip(task, local_spec(PlainLocal()))
     assert back.evaluate == EvalConfig(4, 7) and back.fit is None
+
+
+def test_a_task_that_refers_to_a_blob_never_received_is_refused() -> None:
+    task = Task("c1", TaskKind.EVALUATE, initial(), evaluate=EvalConfig(round=4))
+    frame = encode_task(9, task, local_spec(PlainLocal()), lambda p: 7, b"")
+    with pytest.raises(FrameError, match=r"blob\(s\) \[7\] this session never received") as info:
+        decode_task(frame, {8: encode_blob(initial())})
+    assert info.value.task_id == 9
 
 
 def test_replies_round_trip() -> None:

@@ -27,16 +27,19 @@ from fedloom.experiment import build_strategy, build_trainers, load_clients, sta
 from fedloom.proto import fedloom_pb2 as pb
 from fedloom.proto import fedloom_pb2_grpc as pb_grpc
 from fedloom.runtime.federation import Federation, Settings
+from fedloom.runtime.frames import PROTOCOL_VERSION
 from fedloom.runtime.participant import ParticipantError, run_participant
 from fedloom.runtime.remote import GrpcTransport
 
 SRC = Path(fedloom.__file__).resolve().parents[1]
+#: Every client id these tests use: each has its own certificate (its common name).
+CLIENTS = ("c00", "c01", "c02", "wide", "raw", "x", "slow", "client-0", "client-1", "client-2")
 HERE = Path(__file__).resolve().parent
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> PkiFiles:
-    return write_test_pki(tmp_path_factory.mktemp("pki"))
+    return write_test_pki(tmp_path_factory.mktemp("pki"), clients=CLIENTS)
 
 
 @pytest.fixture
@@ -156,7 +159,7 @@ def test_a_payload_larger_than_4_mib_round_trips(
 def test_a_client_with_another_ca_fails_clearly_and_the_server_is_unaffected(
     transport: GrpcTransport, pki: PkiFiles, spawn, tmp_path: Path
 ) -> None:
-    other = write_test_pki(tmp_path / "other")
+    other = write_test_pki(tmp_path / "other", clients=["c00"])
     bad = spawn(*_args(transport, other, "c00", "toy"), "--retry-for", "0")
     _, err = bad.communicate(timeout=30)
     assert bad.returncode == 1
@@ -173,15 +176,16 @@ def test_a_client_with_another_ca_fails_clearly_and_the_server_is_unaffected(
 def test_a_server_refuses_a_client_certificate_from_another_ca(
     transport: GrpcTransport, pki: PkiFiles, tmp_path: Path
 ) -> None:
-    other = write_test_pki(tmp_path / "other")
+    other = write_test_pki(tmp_path / "other", clients=["c00"])
+    cert, key = other.client_files("c00")
     with pytest.raises(ParticipantError, match="refuse this client's certificate"):
         run_participant(
             transport.address,
             "c00",
             federation_of(1)["c00"],
             root_cert=pki.ca.read_bytes(),
-            cert_chain=other.client_cert.read_bytes(),
-            private_key=other.client_key.read_bytes(),
+            cert_chain=cert.read_bytes(),
+            private_key=key.read_bytes(),
             retry_for=0,
         )
     assert transport.connected() == []
@@ -265,21 +269,25 @@ class RawClient:
     """Speaks the protocol by hand, to send what a real participant never would."""
 
     def __init__(self, address: str, pki: PkiFiles, client_id: str) -> None:
+        cert, key = pki.client_files(client_id)
         credentials = grpc.ssl_channel_credentials(
-            pki.ca.read_bytes(), pki.client_key.read_bytes(), pki.client_cert.read_bytes()
+            pki.ca.read_bytes(), key.read_bytes(), cert.read_bytes()
         )
         self.channel = grpc.secure_channel(
             address, credentials, options=[("grpc.max_send_message_length", 64 << 20)]
         )
         self.out: queue.SimpleQueue[pb.ClientMessage | None] = queue.SimpleQueue()
-        hello = pb.Hello(client_id=client_id, protocol_version=1)
+        hello = pb.Hello(client_id=client_id, protocol_version=PROTOCOL_VERSION)
         self.out.put(pb.ClientMessage(hello=hello))
         self.responses = pb_grpc.FederationStub(self.channel).Session(iter(self.out.get, None))
         assert next(self.responses).WhichOneof("body") == "welcome"
 
     def task_chunks(self) -> None:
-        while not next(self.responses).task.last:
-            pass
+        """Read the model's and the task's chunks, up to the task's last."""
+        while True:
+            message = next(self.responses)
+            if message.WhichOneof("body") == "task" and message.task.last:
+                return
 
     def reply(self, data: bytes, total: int | None = None) -> None:
         total = len(data) if total is None else total
@@ -362,8 +370,9 @@ def _still_serves(transport: GrpcTransport, pki: PkiFiles) -> None:
 
 
 def test_a_wrong_protocol_version_is_refused(transport: GrpcTransport, pki: PkiFiles) -> None:
+    cert, key = pki.client_files("x")
     credentials = grpc.ssl_channel_credentials(
-        pki.ca.read_bytes(), pki.client_key.read_bytes(), pki.client_cert.read_bytes()
+        pki.ca.read_bytes(), key.read_bytes(), cert.read_bytes()
     )
     with grpc.secure_channel(transport.address, credentials) as channel:
         hello = pb.ClientMessage(hello=pb.Hello(client_id="x", protocol_version=99))

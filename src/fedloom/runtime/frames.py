@@ -2,18 +2,23 @@
 
 A frame is `fedloom.runtime.processes.pack`'s layout: u32 header length, a JSON header and
 binary blobs back to back; every array is a blob in fedloom's wire format (`fedloom.core.wire`),
-never pickle. A task frame carries the task id, the client id, the task kind, its typed config,
-the client half of the strategy by name (`local`), and the model and broadcast vectors. A reply
-frame carries the task id and exactly one of an update, an evaluation or a failure.
+never pickle. A task frame carries the task id, a fresh nonce (what the reply's signature
+covers), the client id, the task kind, its typed config, the client half of the strategy by
+name (`local`), and REFERENCES to the model and broadcast vectors: those travel separately, once
+per session and round, as blob frames (`encode_blob`), so a round's model is encoded once for
+all its clients. A reply frame carries the task id and exactly one of an update, an evaluation
+or a failure.
 
 Decoding never trusts the sender: anything malformed raises `FrameError` with a reason.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import struct
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from typing import Any
 
@@ -35,7 +40,7 @@ from fedloom.proto import fedloom_pb2 as pb
 from fedloom.runtime.messages import pack, unpack
 
 #: The protocol version this fedloom speaks (`Hello.protocol_version`, `Welcome`).
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 #: Data bytes per chunk.
 CHUNK_BYTES = 1 << 20
 #: gRPC's per-message cap on both ends: one chunk plus room for the protobuf envelope.
@@ -80,53 +85,64 @@ def local_from_spec(spec: Any) -> LocalAlgorithm:
     raise FrameError(f"unknown client half {spec!r}")
 
 
-# -- tasks --------------------------------------------------------------------------------------
+# -- tasks ------------------------------------------------------------------------------------
+def encode_blob(params: Params) -> bytes:
+    """A blob frame: one `Params` in the wire format (a task refers to it by its frame id)."""
+    return encode(params)
+
+
 def encode_task(
-    task_id: int, task: Task, spec: dict[str, Any], cache: dict[int, bytes] | None = None
+    task_id: int, task: Task, spec: dict[str, Any], blob_id: Callable[[Params], int], nonce: bytes
 ) -> bytes:
-    """A task frame. `cache` (by object id) lets tasks of one dispatch share encodings."""
-    cache = {} if cache is None else cache
-
-    def blob(p: Params) -> bytes:
-        if id(p) not in cache:
-            cache[id(p)] = encode(p)
-        return cache[id(p)]
-
+    """A task frame, referring to its model and broadcast vectors by `blob_id(params)`."""
     fit = {k: getattr(task.fit, k) for k in _FIT_FIELDS} if task.fit is not None else None
     head = {
         "task": task_id,
+        "nonce": nonce.hex(),
         "client": task.client_id,
         "kind": task.kind.value,
         "fit": fit,
         "eval": asdict(task.evaluate) if task.evaluate is not None else None,
         "local": spec,
         "broadcast": list(task.broadcast),
+        "blobs": [blob_id(task.params), *(blob_id(p) for p in task.broadcast.values())],
     }
-    return pack(head, [blob(task.params), *(blob(p) for p in task.broadcast.values())])
+    return pack(head, [])
 
 
-def decode_task(frame: bytes) -> tuple[int, Task, LocalAlgorithm]:
-    """Parse a task frame; raises `FrameError` (with `task_id` when it could be read)."""
-    head, blobs = _unpack(frame, "task")
+def decode_task(
+    frame: bytes, blobs: Mapping[int, bytes]
+) -> tuple[int, bytes, Task, LocalAlgorithm]:
+    """Parse a task frame into (task id, nonce, task, client half), taking the arrays it refers
+    to from `blobs` (blob frames by id); raises `FrameError` (with `task_id` when it could be
+    read) for a malformed frame or a missing blob."""
+    head, _ = _unpack(frame, "task")
     task_id = head.get("task")
     if not isinstance(task_id, int):
         raise FrameError("task frame without an integer task id")
     try:
+        nonce = bytes.fromhex(head["nonce"])
         kind = TaskKind(head["kind"])
         names = [str(n) for n in head["broadcast"]]
-        if len(blobs) != 1 + len(names):
-            raise FrameError(f"{len(blobs)} blobs for a model and {len(names)} broadcast vectors")
-        params = decode(blobs[0])[0]
-        broadcast = {n: decode(b)[0] for n, b in zip(names, blobs[1:], strict=True)}
+        refs = head["blobs"]
+        if not isinstance(refs, list) or len(refs) != 1 + len(names):
+            raise FrameError(f"{refs!r} as blobs for a model and {len(names)} broadcast vectors")
+        missing = [r for r in refs if r not in blobs]
+        if missing:
+            raise FrameError(f"the task refers to blob(s) {missing} this session never received")
+        arrays = [decode(blobs[r])[0] for r in refs]
         fit = FitConfig(**{k: head["fit"][k] for k in _FIT_FIELDS}) if head["fit"] else None
         evaluate = EvalConfig(**head["eval"]) if head["eval"] else None
-        task = Task(str(head["client"]), kind, params, fit, evaluate, broadcast)
+        broadcast = dict(zip(names, arrays[1:], strict=True))
+        task = Task(str(head["client"]), kind, arrays[0], fit, evaluate, broadcast)
         local = local_from_spec(head["local"])
     except FrameError as exc:
         raise FrameError(str(exc), task_id) from exc
+    except WireError as exc:
+        raise FrameError(f"malformed array: {exc}", task_id) from exc
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise FrameError(f"malformed task: {_why(exc)}", task_id) from exc
-    return task_id, task, local
+    return task_id, nonce, task, local
 
 
 # -- replies ------------------------------------------------------------------------------------
@@ -191,8 +207,11 @@ def decode_reply(frame: bytes) -> tuple[int, Reply]:
 
 
 # -- chunking -----------------------------------------------------------------------------------
-def chunks(frame_id: int, frame: bytes, size: int = CHUNK_BYTES) -> list[pb.Chunk]:
-    """`frame` as consecutive chunks of at most `size` bytes (one chunk if empty)."""
+def chunks(
+    frame_id: int, frame: bytes, size: int = CHUNK_BYTES, signature: bytes = b""
+) -> list[pb.Chunk]:
+    """`frame` as consecutive chunks of at most `size` bytes (one chunk if empty); the last
+    carries `signature`."""
     view = memoryview(frame)
     starts = range(0, max(len(frame), 1), size)
     return [
@@ -201,19 +220,29 @@ def chunks(frame_id: int, frame: bytes, size: int = CHUNK_BYTES) -> list[pb.Chun
             total_size=len(frame),
             data=bytes(view[s : s + size]),
             last=s + size >= len(frame),
+            signature=signature if s + size >= len(frame) else b"",
         )
         for s in starts
     ]
 
 
 class Assembler:
-    """Reassembles frames from consecutive chunks, refusing frames over `max_bytes`."""
+    """Reassembles frames from consecutive chunks, refusing frames over `max_bytes`.
 
-    def __init__(self, max_bytes: int = MAX_FRAME_BYTES) -> None:
+    With `digest=True` it hashes the chunks as they arrive: after `add` returned a frame,
+    `digest` is its SHA-256 and `signature` what its last chunk carried."""
+
+    def __init__(self, max_bytes: int = MAX_FRAME_BYTES, *, digest: bool = False) -> None:
         self.max_bytes = max_bytes
         self._parts: list[bytes] = []
         self._size = 0
         self._frame: tuple[int, int] | None = None
+        self._hashing = digest
+        self._hash = hashlib.sha256()
+        #: SHA-256 of the last frame returned (with `digest=True`).
+        self.digest = b""
+        #: The signature on the last frame's last chunk.
+        self.signature = b""
 
     def add(self, chunk: pb.Chunk) -> bytes | None:
         """Take one chunk; the whole frame once its last chunk arrived, else None.
@@ -231,6 +260,8 @@ class Assembler:
             raise FrameError(f"chunk of frame {chunk.frame_id} inside frame {self._frame[0]}")
         self._parts.append(chunk.data)
         self._size += len(chunk.data)
+        if self._hashing:
+            self._hash.update(chunk.data)
         if self._size > chunk.total_size:
             raise FrameError(f"chunks carry more than the declared {chunk.total_size} bytes")
         if not chunk.last:
@@ -239,6 +270,9 @@ class Assembler:
             raise FrameError(f"frame ended at {self._size} of {chunk.total_size} bytes")
         frame = b"".join(self._parts)
         self._parts, self._size, self._frame = [], 0, None
+        self.signature = chunk.signature
+        if self._hashing:
+            self.digest, self._hash = self._hash.digest(), hashlib.sha256()
         return frame
 
 

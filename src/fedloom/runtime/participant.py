@@ -2,10 +2,13 @@
 
 `run_participant` opens one TLS stream to the server, says hello, and runs every task it
 receives with `run_task` (the code simulation uses), one at a time, streaming each reply back
-in chunks. The client half of the strategy comes by name with each task (plain, FedProx's
-proximal, SCAFFOLD); its state (SCAFFOLD's c_i) lives in this process across tasks and
-reconnections. If the stream breaks, it reconnects with exponential backoff, and gives up with
-`ParticipantError` after `retry_for` seconds without a session.
+in chunks, signed with its certificate's key (`fedloom.runtime.enrolment`) when it has one.
+Models arrive as blob frames that tasks refer to; it keeps the last few of the session. A
+heartbeat goes out every `Welcome.heartbeat_seconds`, also while it trains. The client half
+of the strategy comes by name with each task (plain, FedProx's proximal, SCAFFOLD); its state
+(SCAFFOLD's c_i) lives in this process across tasks and reconnections. If the stream breaks,
+it reconnects with exponential backoff, and gives up with `ParticipantError` after
+`retry_for` seconds without a session.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import queue
 import sys
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 
 import grpc
@@ -24,6 +28,7 @@ from fedloom.core.types import Failure, Reply
 from fedloom.proto import fedloom_pb2 as pb
 from fedloom.proto import fedloom_pb2_grpc as pb_grpc
 from fedloom.runtime.client import run_task
+from fedloom.runtime.enrolment import Signer, frame_digest, load_private_key, reply_message
 from fedloom.runtime.frames import (
     CHUNK_BYTES,
     MAX_FRAME_BYTES,
@@ -35,6 +40,9 @@ from fedloom.runtime.frames import (
     decode_task,
     encode_reply,
 )
+
+#: Models (blob frames) a session keeps: more than one dispatch ever refers to at once.
+_BLOBS_KEPT = 8
 
 
 class ParticipantError(RuntimeError):
@@ -76,6 +84,10 @@ def run_participant(
     credentials = grpc.ssl_channel_credentials(
         root_certificates=root_cert, private_key=private_key, certificate_chain=cert_chain
     )
+    try:
+        signer = load_private_key(private_key) if private_key is not None else None
+    except ValueError as exc:
+        raise ParticipantError(f"cannot use the private key of client {client_id}: {exc}") from exc
     states: dict[str, ClientState] = {}
     done = [0]
     stop = stop or threading.Event()
@@ -83,7 +95,9 @@ def run_participant(
     delay = backoff[0]
     while not stop.is_set():
         try:
-            _session(server_address, client_id, trainer, credentials, states, done, stop, log)
+            _session(
+                server_address, client_id, trainer, credentials, signer, states, done, stop, log
+            )
             return done[0]
         except _Lost as lost:
             now = time.monotonic()
@@ -104,6 +118,7 @@ def _session(
     client_id: str,
     trainer: Trainer,
     credentials: grpc.ChannelCredentials,
+    signer: Signer | None,
     states: dict[str, ClientState],
     done: list[int],
     stop: threading.Event,
@@ -123,12 +138,14 @@ def _session(
             yield message
 
     welcomed = False
+    blobs: OrderedDict[int, bytes] = OrderedDict()  # this session's models, oldest first
+    beating = threading.Event()  # set when the session ends: stops the heartbeats
     with grpc.secure_channel(address, credentials, options=options) as channel:
         stub = pb_grpc.FederationStub(channel)  # type: ignore[no-untyped-call]
         responses = stub.Session(requests())
         watcher = threading.Thread(target=_cancel_on, args=(stop, responses), daemon=True)
         watcher.start()
-        assembler = Assembler(MAX_FRAME_BYTES)
+        tasks, models = Assembler(MAX_FRAME_BYTES), Assembler(MAX_FRAME_BYTES)
         try:
             for message in responses:
                 kind = message.WhichOneof("body")
@@ -141,6 +158,10 @@ def _session(
                         )
                     welcomed = True
                     log(f"connected to {address} as {client_id}")
+                    every = message.welcome.heartbeat_seconds
+                    if every > 0:
+                        args = (outbox, every, beating)
+                        threading.Thread(target=_heartbeats, args=args, daemon=True).start()
                 elif kind == "goodbye":
                     if message.goodbye.fatal:
                         raise ParticipantError(f"the server refused us: {message.goodbye.reason}")
@@ -148,12 +169,22 @@ def _session(
                     return
                 elif kind == "notice":
                     log(f"server notice: {message.notice.text}")
-                elif kind == "task":
-                    frame = assembler.add(message.task)
+                elif kind == "blob":
+                    frame = models.add(message.blob)
                     if frame is not None:
-                        task_id, reply = _serve(frame, client_id, trainer, states)
+                        blobs[message.blob.frame_id] = frame
+                        while len(blobs) > _BLOBS_KEPT:
+                            blobs.popitem(last=False)
+                elif kind == "task":
+                    frame = tasks.add(message.task)
+                    if frame is not None:
+                        task_id, nonce, reply = _serve(frame, blobs, client_id, trainer, states)
                         done[0] += 1
-                        for chunk in chunks(task_id, encode_reply(task_id, reply), CHUNK_BYTES):
+                        data = encode_reply(task_id, reply)
+                        sig = (
+                            signer.sign(reply_message(nonce, frame_digest(data))) if signer else b""
+                        )
+                        for chunk in chunks(task_id, data, CHUNK_BYTES, sig):
                             outbox.put(pb.ClientMessage(reply=chunk))
         except grpc.RpcError as exc:
             if stop.is_set():
@@ -162,6 +193,7 @@ def _session(
         except FrameError as exc:
             raise _Lost(f"bad task stream from the server: {exc}", welcomed) from exc
         finally:
+            beating.set()
             outbox.put(None)
             if not stop.is_set():
                 responses.cancel()
@@ -171,17 +203,30 @@ def _session(
 
 
 def _serve(
-    frame: bytes, client_id: str, trainer: Trainer, states: dict[str, ClientState]
-) -> tuple[int, Reply]:
-    """Run one task frame; a task that cannot be read becomes a failure reply."""
+    frame: bytes,
+    blobs: OrderedDict[int, bytes],
+    client_id: str,
+    trainer: Trainer,
+    states: dict[str, ClientState],
+) -> tuple[int, bytes, Reply]:
+    """Run one task frame: (task id, nonce, reply); a task that cannot be read becomes a
+    failure reply (nonce empty when unreadable)."""
     try:
-        task_id, task, local = decode_task(frame)
+        task_id, nonce, task, local = decode_task(frame, blobs)
     except FrameError as exc:
-        return (exc.task_id or 0), Reply(client_id, failure=Failure(client_id, str(exc)))
+        return (exc.task_id or 0), b"", Reply(client_id, failure=Failure(client_id, str(exc)))
     if task.client_id != client_id:
         why = f"task addressed to {task.client_id!r}, this is {client_id!r}"
-        return task_id, Reply(client_id, failure=Failure(client_id, why))
-    return task_id, run_task(trainer, task, local, states.setdefault(client_id, {}))
+        return task_id, nonce, Reply(client_id, failure=Failure(client_id, why))
+    return task_id, nonce, run_task(trainer, task, local, states.setdefault(client_id, {}))
+
+
+def _heartbeats(
+    outbox: queue.SimpleQueue[pb.ClientMessage | None], every: float, stop: threading.Event
+) -> None:
+    """Queue a heartbeat every `every` seconds until `stop` is set."""
+    while not stop.wait(every):
+        outbox.put(pb.ClientMessage(heartbeat=pb.Heartbeat()))
 
 
 def _cancel_on(stop: threading.Event, call: object) -> None:
