@@ -202,7 +202,9 @@ class ProcessTransport:
         """Yield one reply per task, in task order.
 
         A worker that dies fails the tasks it held (recorded as failures, the round goes on);
-        the workers are restarted at the next dispatch.
+        the workers are restarted at the next dispatch. Closing the iterator early (a round
+        that closed, see `Settings.over_selection`) waits for the tasks the workers are running
+        and drops their replies; tasks not yet handed out never run.
         """
         if not tasks:
             return
@@ -229,25 +231,39 @@ class ProcessTransport:
             if conn in busy:
                 feed(conn)
         next_out = 0
-        while next_out < len(tasks):
-            active = [c for c, queue in busy.items() if queue]
-            if not active:  # every worker died: the rest fail
-                while pending:
-                    index = pending.popleft()
-                    done[index] = lost(tasks[index], "no simulation worker left")
-            for conn in typing.cast(list[Connection], wait(active) if active else []):
+        try:
+            while next_out < len(tasks):
+                active = [c for c, queue in busy.items() if queue]
+                if not active:  # every worker died: the rest fail
+                    while pending:
+                        index = pending.popleft()
+                        done[index] = lost(tasks[index], "no simulation worker left")
+                for conn in typing.cast(list[Connection], wait(active) if active else []):
+                    try:
+                        index, reply, state = parse_reply(conn.recv_bytes())
+                    except (EOFError, OSError):
+                        lose(conn)
+                        continue
+                    busy[conn].remove(index)
+                    self.pool.states[reply.client_id] = state
+                    done[index] = reply
+                    feed(conn)
+                while next_out in done:
+                    yield done.pop(next_out)
+                    next_out += 1
+        finally:  # an abandoned dispatch: take (and drop) the replies the workers still owe
+            self._drain(busy)
+
+    def _drain(self, busy: dict[Connection, list[int]]) -> None:
+        """Receive and discard the replies of tasks still running (their client states are
+        not kept), so the pipes and shared memory are clean for the next dispatch."""
+        for conn, running in busy.items():
+            for _ in running:
                 try:
-                    index, reply, state = parse_reply(conn.recv_bytes())
+                    conn.recv_bytes()
                 except (EOFError, OSError):
-                    lose(conn)
-                    continue
-                busy[conn].remove(index)
-                self.pool.states[reply.client_id] = state
-                done[index] = reply
-                feed(conn)
-            while next_out in done:
-                yield done.pop(next_out)
-                next_out += 1
+                    self._local = None  # restart the workers at the next dispatch
+                    break
 
     def _size(self, client_id: str) -> int:
         trainer = self.pool.trainers.get(client_id)
@@ -279,6 +295,11 @@ class ProcessTransport:
         except OSError:
             return False
         return True
+
+    def late_replies(self) -> list[Reply]:
+        """None: every dispatched task is waited for, or its reply discarded when the dispatch is
+        abandoned."""
+        return []
 
     def client_states(self) -> dict[str, ClientState]:
         """Client-half states, kept in this process between rounds."""
