@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -13,8 +14,9 @@ from fedloom.algorithms.base import ServerState, Strategy
 from fedloom.core.params import Layout, Params
 from fedloom.core.trainer import Trainer
 from fedloom.core.types import EvalConfig, FitConfig, Metrics, Reply, Task, TaskKind
-from fedloom.runtime.aggregate import StreamingMean, check_update
+from fedloom.runtime.aggregate import check_update
 from fedloom.runtime.client import ClientPool
+from fedloom.runtime.rounds import FitCollector, over_select, restore_states
 from fedloom.runtime.selection import SelectionError, client_seeds, round_rng, select_clients
 from fedloom.runtime.transport import Transport
 from fedloom.store import (
@@ -58,6 +60,15 @@ class Settings:
     accepted, else it is retried up to `max_retries` times with a fresh draw, then fails.
     Training stops after `rounds` rounds or when round metric `target_metric` reaches
     `target_value` (">=" for mode "max", "<=" for "min").
+
+    System heterogeneity: with `over_selection = x > 0` a round's fit tasks go to
+    ceil(n * (1 + x)) clients (at most all available ones), n being the selection above, and the
+    round closes as soon as n updates were accepted; the dispatched clients whose replies were
+    not used are recorded as rejections ("over-selected: ..."). With `ordered_aggregation`
+    accepted updates are folded in selection order rather than arrival order, so the aggregate
+    is bit-identical whatever order a transport delivers replies in; the round's updates are
+    then held in memory until the round closes (one per accepted client). Client records stay
+    in arrival order either way.
     """
 
     rounds: int = 10
@@ -76,6 +87,8 @@ class Settings:
     target_value: float | None = None
     target_mode: Literal["max", "min"] = "max"
     keep_checkpoints: int = 2
+    over_selection: float = 0.0
+    ordered_aggregation: bool = False
 
     def __post_init__(self) -> None:
         checks: list[tuple[bool, str, str]] = [
@@ -90,6 +103,11 @@ class Settings:
             (self.min_evaluate_clients >= 0, "min_evaluate_clients", "must be >= 0"),
             (self.evaluate_every >= 1, "evaluate_every", "must be at least 1"),
             (self.keep_checkpoints >= 1, "keep_checkpoints", "must be at least 1"),
+            (
+                0.0 <= self.over_selection < math.inf,
+                "over_selection",
+                "must be a finite number >= 0 (0.3 dispatches 30% more clients than needed)",
+            ),
             (
                 self.min_replies is None or 1 <= self.min_replies <= self.min_fit_clients,
                 "min_replies",
@@ -296,19 +314,19 @@ class Federation:
                 if retry_possible
                 else {}
             )
-            mean = self._fit(state, number, attempt, tally)
-            if mean.num_clients >= s.replies_needed:
+            fit = self._fit(state, number, attempt, tally)
+            if fit.num_accepted >= s.replies_needed:
                 break
             tally.clients.clear()  # the attempt's updates are discarded with it
             if retry_possible:
                 self.transport.restore_client_states(before)
         else:
             raise RoundFailed(
-                f"round {number}: {mean.num_clients} valid update(s), {s.replies_needed} needed, "
+                f"round {number}: {fit.num_accepted} valid update(s), {s.replies_needed} needed, "
                 f"after {s.max_retries + 1} attempt(s); last rejections: "
                 + "; ".join(f"{r.client_id}: {r.reason}" for r in tally.rejections[-5:])
             )
-        aggregate = mean.result()
+        aggregate = fit.result()
         new_state = self.strategy.update(state, aggregate)
         metrics: Metrics = {
             k if k.startswith("train_") else f"train_{k}": v for k, v in aggregate.metrics.items()
@@ -329,32 +347,63 @@ class Federation:
         )
         return RoundResult(record, new_state)
 
-    def _fit(self, state: ServerState, number: int, attempt: int, tally: _Tally) -> StreamingMean:
-        """One attempt at a round's training: select, dispatch, validate, aggregate."""
+    def _fit(self, state: ServerState, number: int, attempt: int, tally: _Tally) -> FitCollector:
+        """One attempt at a round's training: select (over-selecting if configured), dispatch,
+        validate, aggregate; stop consuming the dispatch once the target is accepted."""
         s = self.settings
         layout = state.params.layout
         local = self.strategy.local
         extras: dict[str, Layout] = {name: layout for name in local.extra_names}
         broadcast = self.strategy.broadcast(state)
         rng = round_rng(s.seed, number, attempt)
-        picked = select_clients(self._available(number), s.fraction_fit, s.min_fit_clients, rng)
+        target, picked = over_select(
+            self._available(number), s.fraction_fit, s.min_fit_clients, s.over_selection, rng
+        )
         tally.selected += len(picked)
         seeds = client_seeds(s.seed, number, [self._index[cid] for cid in picked])
         tasks = [
             Task(cid, TaskKind.FIT, state.params, self._fit_config(number, seed), None, broadcast)
             for cid, seed in zip(picked, seeds, strict=True)
         ]
-        mean = StreamingMean(layout, extras)
-        for reply in self.transport.dispatch(tasks, local):
+        fit = FitCollector(picked, target, layout, extras, ordered=s.ordered_aggregation)
+        # States of the picked clients before the dispatch (replaced, never mutated: references
+        # suffice), for the over-selected clients whose replies the closed round does not use.
+        states = self.transport.client_states() if len(picked) > target else {}
+        before = {cid: states[cid] for cid in picked if cid in states}
+        replies = self.transport.dispatch(tasks, local)
+        try:
+            for reply in replies:
+                tally.traffic(reply)
+                reason = fit.replied(reply.client_id) or self._reject_reason(reply, layout, extras)
+                if reason is not None:
+                    tally.rejections.append(Rejection(reply.client_id, reason))
+                    continue
+                assert reply.update is not None
+                fit.accept(reply.client_id, reply.update)
+                tally.clients.append(self._client_record(reply, "fit"))
+                if fit.full and len(tasks) > target:
+                    break  # over-selected: the round closes with its target
+        finally:
+            close = getattr(replies, "close", None)
+            if close is not None:  # a generator: its `finally` forgets the pending tasks
+                close()
+        unused = fit.unused()
+        why = f"over-selected: the round closed with {fit.num_accepted} updates"
+        tally.rejections.extend(Rejection(cid, why) for cid in unused)
+        if unused:  # their tasks may have run: they keep the states they had (or none)
+            restore_states(self.transport, unused, before)
+        self._record_late(tally)
+        return fit
+
+    def _record_late(self, tally: _Tally) -> None:
+        """Record the transport's late replies (never aggregated) as rejections of this round;
+        their traffic counts."""
+        for reply in self.transport.late_replies():
             tally.traffic(reply)
-            reason = self._reject_reason(reply, layout, extras)
-            if reason is not None:
-                tally.rejections.append(Rejection(reply.client_id, reason))
-                continue
-            assert reply.update is not None
-            mean.add(reply.update)
-            tally.clients.append(self._client_record(reply, "fit"))
-        return mean
+            why = (
+                "late reply discarded" if reply.failure is None else f"late: {reply.failure.reason}"
+            )
+            tally.rejections.append(Rejection(reply.client_id, why))
 
     def _fit_config(self, number: int, seed: int) -> FitConfig:
         s = self.settings
@@ -425,6 +474,7 @@ class Federation:
             examples += ev.num_examples
             for k, v in ev.metrics.items():
                 totals[k] = totals.get(k, 0.0) + ev.num_examples * float(v)
+        self._record_late(tally)
         if examples:
             metrics.update({f"federated_{k}": v / examples for k, v in totals.items()})
         return metrics

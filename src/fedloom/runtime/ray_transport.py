@@ -252,6 +252,10 @@ class RayTransport:
         found = dict(zip([k for k, _ in live], ray.get([r for _, r in live]), strict=True))
         return [found.get(k) for k in range(len(self._hosts))]
 
+    def late_replies(self) -> list[Reply]:
+        """None: a result that is not waited for is dropped unread."""
+        return []
+
     def client_states(self) -> dict[str, ClientState]:
         """Client-half states, kept in the driver between rounds (live, not a copy)."""
         return self.states

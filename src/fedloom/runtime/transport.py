@@ -1,6 +1,6 @@
 """The `Transport` seam: how tasks reach clients and replies come back.
 
-Simulation, worker processes and the network all sit behind the same two methods. Failures and
+Simulation, worker processes and the network all sit behind the same few methods. Failures and
 timeouts are `Reply.failure` values, never exceptions out of `dispatch`.
 """
 
@@ -19,6 +19,12 @@ class Transport(Protocol):
 
     def dispatch(self, tasks: Sequence[Task], local: LocalAlgorithm) -> Iterator[Reply]:
         """Run `tasks`, each fit task through the client half `local`; yield every reply."""
+        ...
+
+    def late_replies(self) -> list[Reply]:
+        """Replies that arrived after their dispatch stopped waiting for them (a deadline, a
+        closed round), since the last call. They were never aggregated; the federation records
+        each as a rejection of the current round."""
         ...
 
     def client_states(self) -> dict[str, ClientState]:
@@ -45,6 +51,10 @@ class InProcessTransport:
         """Yield replies in task order as each finishes."""
         for task in tasks:
             yield self.pool.run(task, local)
+
+    def late_replies(self) -> list[Reply]:
+        """None: a task that is not waited for is never run."""
+        return []
 
     def client_states(self) -> dict[str, ClientState]:
         """The pool's states (live, not a copy)."""

@@ -118,6 +118,10 @@ class VectorizedTransport:
                 future.cancel()
             torch.set_num_threads(threads)
 
+    def late_replies(self) -> list[Reply]:
+        """None: a task that is not waited for is never run (or its result never built)."""
+        return []
+
     def client_states(self) -> dict[str, ClientState]:
         """The pool's states (live, not a copy)."""
         return self.pool.states
