@@ -128,6 +128,11 @@ def _session(
     options = [
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        # HTTP/2 pings notice a server that vanished without closing the connection.
+        ("grpc.keepalive_time_ms", 20_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
     ]
     outbox: queue.SimpleQueue[pb.ClientMessage | None] = queue.SimpleQueue()
     hello = pb.Hello(client_id=client_id, protocol_version=PROTOCOL_VERSION)
