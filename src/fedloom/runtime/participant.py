@@ -6,7 +6,8 @@ in chunks, signed with its certificate's key (`fedloom.runtime.enrolment`) when 
 Models arrive as blob frames that tasks refer to; it keeps the last few of the session. A
 heartbeat goes out every `Welcome.heartbeat_seconds`, also while it trains. The client half
 of the strategy comes by name with each task (plain, FedProx's proximal, SCAFFOLD); its state
-(SCAFFOLD's c_i) lives in this process across tasks and reconnections. If the stream breaks,
+(SCAFFOLD's c_i) lives in this process across tasks and reconnections, per round
+(`StateHistory`). If the stream breaks,
 it reconnects with exponential backoff, and gives up with `ParticipantError` after
 `retry_for` seconds without a session.
 """
@@ -43,6 +44,29 @@ from fedloom.runtime.frames import (
 
 #: Models (blob frames) a session keeps: more than one dispatch ever refers to at once.
 _BLOBS_KEPT = 8
+
+
+class StateHistory:
+    """This client's strategy state (SCAFFOLD's c_i) after each of its last few fit rounds.
+
+    A task for round r starts from the state after the latest round BEFORE r, so a round the
+    server discarded (retried with a fresh draw, or run again after a restart from its
+    checkpoint) leaves no trace, as in simulation where the federation restores the states."""
+
+    def __init__(self, keep: int = 4) -> None:
+        self.keep = keep
+        self._after: dict[int, ClientState] = {}
+
+    def before(self, number: int) -> ClientState:
+        """A copy of the state after the latest recorded round before `number` ({} if none)."""
+        earlier = [r for r in self._after if r < number]
+        return dict(self._after[max(earlier)]) if earlier else {}
+
+    def record(self, number: int, state: ClientState) -> None:
+        """Keep `state` as the state after round `number` (and only the last `keep` rounds)."""
+        self._after[number] = state
+        for r in sorted(self._after)[: -self.keep]:
+            del self._after[r]
 
 
 class ParticipantError(RuntimeError):
@@ -88,7 +112,7 @@ def run_participant(
         signer = load_private_key(private_key) if private_key is not None else None
     except ValueError as exc:
         raise ParticipantError(f"cannot use the private key of client {client_id}: {exc}") from exc
-    states: dict[str, ClientState] = {}
+    states = StateHistory()
     done = [0]
     stop = stop or threading.Event()
     since = time.monotonic()
@@ -119,7 +143,7 @@ def _session(
     trainer: Trainer,
     credentials: grpc.ChannelCredentials,
     signer: Signer | None,
-    states: dict[str, ClientState],
+    states: StateHistory,
     done: list[int],
     stop: threading.Event,
     log: Callable[[str], None],
@@ -212,7 +236,7 @@ def _serve(
     blobs: OrderedDict[int, bytes],
     client_id: str,
     trainer: Trainer,
-    states: dict[str, ClientState],
+    states: StateHistory,
 ) -> tuple[int, bytes, Reply]:
     """Run one task frame: (task id, nonce, reply); a task that cannot be read becomes a
     failure reply (nonce empty when unreadable)."""
@@ -223,7 +247,13 @@ def _serve(
     if task.client_id != client_id:
         why = f"task addressed to {task.client_id!r}, this is {client_id!r}"
         return task_id, nonce, Reply(client_id, failure=Failure(client_id, why))
-    return task_id, nonce, run_task(trainer, task, local, states.setdefault(client_id, {}))
+    if task.fit is None:
+        return task_id, nonce, run_task(trainer, task, local, {})
+    state = states.before(task.fit.round)
+    reply = run_task(trainer, task, local, state)
+    if reply.failure is None:
+        states.record(task.fit.round, state)
+    return task_id, nonce, reply
 
 
 def _heartbeats(

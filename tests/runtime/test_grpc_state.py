@@ -1,0 +1,77 @@
+"""Client-half state over gRPC: a round the server discards leaves no trace on its clients."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+from toy import federation_of, initial
+
+from fedloom.algorithms import Scaffold
+from fedloom.certs import write_test_pki
+from fedloom.runtime.federation import Federation, Settings
+from fedloom.runtime.participant import StateHistory, run_participant
+from fedloom.runtime.remote import GrpcTransport
+
+
+def test_a_retried_scaffold_round_over_grpc_equals_the_simulation(tmp_path: Path) -> None:
+    """Client c02 fails its first task, so round 1's first attempt has 2 of the 3 updates it
+    needs and is retried: the control variates c00 and c01 computed in that attempt must not
+    survive into the retry, as they do not in simulation (the federation restores them)."""
+    pki = write_test_pki(tmp_path, clients=["c00", "c01", "c02"])
+    settings = Settings(
+        rounds=3, fraction_fit=1.0, min_fit_clients=3, max_retries=1, learning_rate=0.05
+    )
+    stop = threading.Event()
+    with GrpcTransport(
+        server_cert=pki.server_cert.read_bytes(),
+        server_key=pki.server_key.read_bytes(),
+        client_ca=pki.ca.read_bytes(),
+        log=lambda _: None,
+    ) as transport:
+        threads = []
+        for cid, trainer in federation_of(3, modes={2: "flaky"}).items():
+            cert, key = pki.client_files(cid)
+            kwargs = {
+                "root_cert": pki.ca.read_bytes(),
+                "cert_chain": cert.read_bytes(),
+                "private_key": key.read_bytes(),
+                "stop": stop,
+                "log": lambda _: None,
+            }
+            threads.append(
+                threading.Thread(
+                    target=run_participant, args=(transport.address, cid, trainer), kwargs=kwargs
+                )
+            )
+        for t in threads:
+            t.start()
+        try:
+            ids = transport.wait_for_clients(3, timeout=10)
+            remote = Federation(Scaffold(num_clients=3), transport, ids, settings).run(initial())
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(10)
+    assert remote.history[0].num_selected == 6  # two attempts of three clients
+    simulated = Federation.simulation(
+        Scaffold(num_clients=3), federation_of(3, modes={2: "flaky"}), settings
+    ).run(initial())
+    assert simulated.history[0].num_selected == 6
+    np.testing.assert_allclose(remote.state.params.flat, simulated.state.params.flat, atol=1e-6)
+    np.testing.assert_allclose(
+        remote.state.slots["control"].flat, simulated.state.slots["control"].flat, atol=1e-6
+    )
+
+
+def test_the_state_history_starts_each_round_from_the_latest_earlier_round() -> None:
+    history = StateHistory(keep=2)
+    assert history.before(1) == {}
+    history.record(1, {"c": "after 1"})
+    history.record(3, {"c": "after 3"})
+    assert history.before(3) == {"c": "after 1"}  # round 3 again: its first run is forgotten
+    assert history.before(4) == {"c": "after 3"}
+    history.record(4, {"c": "after 4"})
+    assert history.before(9) == {"c": "after 4"} and history.before(4) == {"c": "after 3"}
+    assert history.before(3) == {}  # only the last 2 rounds are kept
