@@ -3,7 +3,7 @@
 PYTHON ?= python
 LOCK := flock /tmp/fedloom-bench.lock
 
-.PHONY: test run bench bench-setup bench-core bench-vectorized repro repro-quick
+.PHONY: test run bench bench-setup bench-core bench-vectorized bench-deploy repro repro-quick
 
 test:  ## install everything and run every check CI runs
 	bash scripts/test.sh
@@ -22,6 +22,9 @@ bench-core:  ## issue 2 targets: overhead vs the floor, workers, aggregation, le
 
 bench-vectorized:  ## vectorized mode vs the floor on workload (b)
 	$(LOCK) $(PYTHON) bench/vectorized.py --rounds 40
+
+bench-deploy: bench-setup  ## issue 4: fedloom over gRPC vs Flower's deployment runtime, 20 processes
+	$(LOCK) $(PYTHON) bench/deploy/run.py
 
 repro:  ## the paper reproductions of bench/repro (long: see bench/BENCHMARKS.md)
 	$(PYTHON) bench/repro/mcmahan_2nn.py --max-rounds 1200

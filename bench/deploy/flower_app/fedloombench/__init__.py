@@ -1,0 +1,1 @@
+"""fedloom's deployment benchmark, Flower side (see bench/deploy/README.md)."""
