@@ -66,9 +66,10 @@ class Settings:
     round closes as soon as n updates were accepted; the dispatched clients whose replies were
     not used are recorded as rejections ("over-selected: ..."). With `ordered_aggregation`
     accepted updates are folded in selection order rather than arrival order, so the aggregate
-    is bit-identical whatever order a transport delivers replies in; the round's updates are
-    then held in memory until the round closes (one per accepted client). Client records stay
-    in arrival order either way.
+    of the same accepted updates is bit-identical whatever order a transport delivers them in
+    (with over-selection, which updates come first still decides which are accepted); they are
+    held in memory until the round closes (one per accepted client). Client records stay in
+    arrival order either way.
     """
 
     rounds: int = 10
