@@ -238,7 +238,7 @@ def test_late_replies_are_recorded_as_rejections_of_the_current_round() -> None:
     result = run(Late(inproc(), late, at=2), settings)
     first, second = result.history
     assert first.rejections[-2:] == (
-        Rejection("c03", "late: no reply within 5 s"),
+        Rejection("c03", "discarded: no reply within 5 s"),
         Rejection("c07", "late reply discarded"),
     )
     assert first.rejections[:-2] == plain.history[0].rejections

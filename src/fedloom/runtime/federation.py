@@ -402,7 +402,9 @@ class Federation:
         for reply in self.transport.late_replies():
             tally.traffic(reply)
             why = (
-                "late reply discarded" if reply.failure is None else f"late: {reply.failure.reason}"
+                "late reply discarded"
+                if reply.failure is None
+                else f"discarded: {reply.failure.reason}"
             )
             tally.rejections.append(Rejection(reply.client_id, why))
 
