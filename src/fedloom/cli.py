@@ -118,19 +118,20 @@ def cmd_server(args: argparse.Namespace) -> int:
     """Run a federation over gRPC with TLS for clients that connect to it."""
     from fedloom.deploy import serve
 
-    config = _load(args)
-    clients = args.clients if args.clients is not None else config.data.num_clients
+    config = None if args.resume is not None and args.config is None else _load(args)
     return serve(
         config,
         _store_path(args, config),
         address=args.address,
         certs=Path(args.certs),
-        clients=clients,
+        clients=args.clients,
         wait=args.wait,
         timeout=args.round_timeout,
         allow=Path(args.allow) if args.allow else None,
         revoked=Path(args.revoked) if args.revoked else None,
         quiet=args.quiet,
+        resume=args.resume,
+        fresh=args.fresh,
     )
 
 
@@ -175,6 +176,15 @@ def _deploy_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     server.add_argument("--allow", help="allow-list file: the client ids that may join")
     server.add_argument("--revoked", help="revoked client ids or certificate fingerprints")
     server.add_argument("--quiet", action="store_true", help="no progress bar")
+    restart = server.add_mutually_exclusive_group()
+    restart.add_argument(
+        "--resume",
+        metavar="RUN_ID",
+        help="continue this run (default: the config's last run if it did not finish)",
+    )
+    restart.add_argument(
+        "--fresh", action="store_true", help="start a new run even if the last one did not finish"
+    )
     server.set_defaults(func=cmd_server)
     client = sub.add_parser("client", help="serve tasks from a fedloom server")
     client.add_argument("--server", required=True, help="host:port of the server")
