@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
-from toy import federation_of, initial
+from toy import Toy, federation_of, initial
 
-from fedloom.algorithms import Scaffold
+from fedloom.algorithms import Scaffold, ScaffoldLocal
 from fedloom.certs import write_test_pki
+from fedloom.core.params import Params
+from fedloom.core.types import FitConfig, Task, TaskKind, Update
 from fedloom.runtime.federation import Federation, Settings
 from fedloom.runtime.participant import StateHistory, run_participant
 from fedloom.runtime.remote import GrpcTransport
@@ -75,3 +78,62 @@ def test_the_state_history_starts_each_round_from_the_latest_earlier_round() -> 
     history.record(4, {"c": "after 4"})
     assert history.before(9) == {"c": "after 4"} and history.before(4) == {"c": "after 3"}
     assert history.before(3) == {}  # only the last 2 rounds are kept
+
+
+class SlowFirstRound(Toy):
+    """A toy client whose round-1 fit outlasts the server's deadline."""
+
+    def fit(self, params: Params, config: FitConfig) -> Update:
+        if config.round == 1:
+            time.sleep(1.5)
+        return super().fit(params, config)
+
+
+def test_a_straggler_forgets_the_state_of_the_round_that_did_not_use_its_reply(
+    tmp_path: Path,
+) -> None:
+    """Round 1's SCAFFOLD reply comes after the deadline and is discarded; the client's round-2
+    update must then start from no control variate, as if round 1 had never run there."""
+    pki = write_test_pki(tmp_path, clients=["c00"])
+    base = federation_of(1)["c00"]
+    cert, key = pki.client_files("c00")
+    stop = threading.Event()
+    with GrpcTransport(
+        server_cert=pki.server_cert.read_bytes(),
+        server_key=pki.server_key.read_bytes(),
+        client_ca=pki.ca.read_bytes(),
+        timeout=0.5,
+        log=lambda _: None,
+    ) as transport:
+        client = threading.Thread(
+            target=run_participant,
+            args=(transport.address, "c00", SlowFirstRound(base.target, base.num_train_examples)),
+            kwargs={
+                "root_cert": pki.ca.read_bytes(),
+                "cert_chain": cert.read_bytes(),
+                "private_key": key.read_bytes(),
+                "stop": stop,
+                "log": lambda _: None,
+            },
+        )
+        client.start()
+        try:
+            transport.wait_for_clients(1, timeout=10)
+            control = {"control": initial() * 0.1}
+            fit = FitConfig(round=1, learning_rate=0.05)
+            task = Task("c00", TaskKind.FIT, initial(), fit, None, control)
+            (first,) = transport.dispatch([task], ScaffoldLocal())
+            assert first.failure is not None and "straggler" in first.failure.reason
+            transport.timeout = 20.0
+            second_fit = FitConfig(round=2, learning_rate=0.05)
+            task = Task("c00", TaskKind.FIT, initial() * 2.0, second_fit, None, control)
+            (second,) = transport.dispatch([task], ScaffoldLocal())
+        finally:
+            stop.set()
+            client.join(10)
+    assert second.update is not None
+    fresh = ScaffoldLocal().run(base, initial() * 2.0, second_fit, control, {})
+    np.testing.assert_allclose(second.update.delta.flat, fresh.delta.flat, rtol=1e-6)
+    np.testing.assert_allclose(
+        second.update.extras["control_delta"].flat, fresh.extras["control_delta"].flat, rtol=1e-6
+    )

@@ -63,16 +63,24 @@ class Notice(_message.Message):
     text: str
     def __init__(self, text: _Optional[str] = ...) -> None: ...
 
+class Forget(_message.Message):
+    __slots__ = ("round",)
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    def __init__(self, round: _Optional[int] = ...) -> None: ...
+
 class ServerMessage(_message.Message):
-    __slots__ = ("welcome", "task", "notice", "goodbye", "blob")
+    __slots__ = ("welcome", "task", "notice", "goodbye", "blob", "forget")
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     NOTICE_FIELD_NUMBER: _ClassVar[int]
     GOODBYE_FIELD_NUMBER: _ClassVar[int]
     BLOB_FIELD_NUMBER: _ClassVar[int]
+    FORGET_FIELD_NUMBER: _ClassVar[int]
     welcome: Welcome
     task: Chunk
     notice: Notice
     goodbye: Goodbye
     blob: Chunk
-    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., task: _Optional[_Union[Chunk, _Mapping]] = ..., notice: _Optional[_Union[Notice, _Mapping]] = ..., goodbye: _Optional[_Union[Goodbye, _Mapping]] = ..., blob: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
+    forget: Forget
+    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., task: _Optional[_Union[Chunk, _Mapping]] = ..., notice: _Optional[_Union[Notice, _Mapping]] = ..., goodbye: _Optional[_Union[Goodbye, _Mapping]] = ..., blob: _Optional[_Union[Chunk, _Mapping]] = ..., forget: _Optional[_Union[Forget, _Mapping]] = ...) -> None: ...

@@ -51,7 +51,8 @@ class StateHistory:
 
     A task for round r starts from the state after the latest round BEFORE r, so a round the
     server discarded (retried with a fresh draw, or run again after a restart from its
-    checkpoint) leaves no trace, as in simulation where the federation restores the states."""
+    checkpoint) leaves no trace, as in simulation where the federation restores the states;
+    so does a round whose reply the server did not use and told it to `forget`."""
 
     def __init__(self, keep: int = 4) -> None:
         self.keep = keep
@@ -61,6 +62,10 @@ class StateHistory:
         """A copy of the state after the latest recorded round before `number` ({} if none)."""
         earlier = [r for r in self._after if r < number]
         return dict(self._after[max(earlier)]) if earlier else {}
+
+    def forget(self, number: int) -> None:
+        """Drop the state round `number` produced (the server did not use that reply)."""
+        self._after.pop(number, None)
 
     def record(self, number: int, state: ClientState) -> None:
         """Keep `state` as the state after round `number` (and only the last `keep` rounds)."""
@@ -198,6 +203,8 @@ def _session(
                     return
                 elif kind == "notice":
                     log(f"server notice: {message.notice.text}")
+                elif kind == "forget":
+                    states.forget(message.forget.round)
                 elif kind == "blob":
                     frame = models.add(message.blob)
                     if frame is not None:

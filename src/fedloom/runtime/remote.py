@@ -181,7 +181,8 @@ class GrpcTransport:
                         fresh = [b for b in needed if b[0] not in have]
                         have.update(b[0] for b in fresh)
                         size = len(frame) + sum(b[2] for b in fresh)
-                        session.pending[task_id] = Pending(results, size, nonce, number)
+                        pending = Pending(results, size, nonce, number, task.fit is not None)
+                        session.pending[task_id] = pending
                 if session is None:
                     yield failure(task.client_id, "client not connected")
                     continue

@@ -53,6 +53,8 @@ class Pending:
     bytes_down: int
     nonce: bytes
     round: int
+    #: A fit task (its round's state is forgotten if its reply is not used).
+    fit: bool
 
 
 @dataclass(eq=False)
@@ -139,11 +141,14 @@ class Sessions:
                 self.drop(session, f"refused ({why})")
 
     def forget(self, session: Session, task_id: int, how: str = "expired") -> None:
-        """Stop waiting for `task_id` (its dispatch gave up or closed)."""
+        """Stop waiting for `task_id` (its dispatch gave up or closed); the client is told to
+        forget the strategy state that task's round gives it."""
         with self.lock:
             pending = session.pending.pop(task_id, None)
             if pending is not None:
                 self._close_task(task_id, pending.round, how)
+        if pending is not None and pending.fit:
+            session.send(pb.ServerMessage(forget=pb.Forget(round=pending.round)))
 
     def close(self, reason: str) -> None:
         """Say goodbye to every client and drop every session. Idempotent."""
