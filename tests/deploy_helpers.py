@@ -144,8 +144,9 @@ def wait_until(condition: object, timeout: float, what: str) -> None:
 class Paced:
     """A config client's trainer that announces each fit by creating the file
     `$FEDLOOM_TEST_MARKERS/<client id>-r<round>`, then sleeps `$FEDLOOM_TEST_DELAY` seconds
-    before fitting (so a test can act while the client is mid-round), or forever with
-    `$FEDLOOM_TEST_STUCK` set. Its updates are exactly those of the wrapped trainer."""
+    before fitting (in round `$FEDLOOM_TEST_SLOW_ROUND` only, if set), so that a test can act
+    while the client is mid-round, or forever with `$FEDLOOM_TEST_STUCK` set. Its updates are
+    exactly those of the wrapped trainer."""
 
     def __init__(self, client_id: str, inner: Trainer) -> None:
         self.client_id = client_id
@@ -153,13 +154,18 @@ class Paced:
         self.markers = Path(os.environ["FEDLOOM_TEST_MARKERS"])
         self.delay = float(os.environ.get("FEDLOOM_TEST_DELAY", "0"))
         self.stuck = bool(os.environ.get("FEDLOOM_TEST_STUCK"))
+        slow = os.environ.get("FEDLOOM_TEST_SLOW_ROUND")
+        self.slow_round = int(slow) if slow else None
 
     def initial_params(self) -> Params:
         return self.inner.initial_params()
 
     def fit(self, params: Params, config: FitConfig) -> Update:
         (self.markers / f"{self.client_id}-r{config.round}").touch()
-        time.sleep(600 if self.stuck else self.delay)
+        if self.stuck:
+            time.sleep(600)
+        elif self.slow_round in (None, config.round):
+            time.sleep(self.delay)
         return self.inner.fit(params, config)
 
     def evaluate(self, params: Params, config: EvalConfig) -> Evaluation:

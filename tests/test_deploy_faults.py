@@ -143,10 +143,8 @@ def test_a_server_killed_mid_round_resumes_from_its_checkpoint_when_restarted(
     config_file = _config(tmp_path, "restart", clients=3, rounds=5, min_replies=3)
     address = f"127.0.0.1:{free_port()}"  # the restarted server listens where the first did
     first = _server(group, config_file, tmp_path, address)
-    clients = [
-        _paced_client(group, address, tmp_path, config_file, cid, FEDLOOM_TEST_DELAY="0.5")
-        for cid in ids
-    ]
+    slow = {"FEDLOOM_TEST_DELAY": "2", "FEDLOOM_TEST_SLOW_ROUND": "3"}  # 2 s in round 3
+    clients = [_paced_client(group, address, tmp_path, config_file, c, **slow) for c in ids]
     # every client fitting round 3: round 2 is recorded and checkpointed
     wait_until(lambda: all((tmp_path / f"{c}-r3").exists() for c in ids), 60, "round 3's fits")
     first.kill()  # SIGKILL mid-round
@@ -163,7 +161,7 @@ def test_a_server_killed_mid_round_resumes_from_its_checkpoint_when_restarted(
     assert "3 clients connected" in second.stdout and "5 rounds" in second.stdout
     for proc in clients:  # the same processes: they reconnected by themselves
         assert proc.wait(20) == 0, proc.stderr
-        assert "connection lost" in proc.stderr and proc.stderr.count("connected to") == 2
+        assert "connection lost" in proc.stderr and proc.stderr.count("connected to") >= 2
 
     with RunStore(tmp_path / "runs.sqlite") as store:
         (info,) = [store.get_run(r.id) for r in store.list_runs()]
