@@ -144,9 +144,9 @@ def wait_until(condition: object, timeout: float, what: str) -> None:
 class Paced:
     """A config client's trainer that announces each fit by creating the file
     `$FEDLOOM_TEST_MARKERS/<client id>-r<round>`, then sleeps `$FEDLOOM_TEST_DELAY` seconds
-    before fitting (in round `$FEDLOOM_TEST_SLOW_ROUND` only, if set), so that a test can act
-    while the client is mid-round, or forever with `$FEDLOOM_TEST_STUCK` set. Its updates are
-    exactly those of the wrapped trainer."""
+    before fitting (only in round `$FEDLOOM_TEST_SLOW_ROUND` if set, and only the first time
+    it fits that round), so that a test can act while the client is mid-round, or forever with
+    `$FEDLOOM_TEST_STUCK` set. Its updates are exactly those of the wrapped trainer."""
 
     def __init__(self, client_id: str, inner: Trainer) -> None:
         self.client_id = client_id
@@ -161,10 +161,12 @@ class Paced:
         return self.inner.initial_params()
 
     def fit(self, params: Params, config: FitConfig) -> Update:
-        (self.markers / f"{self.client_id}-r{config.round}").touch()
+        marker = self.markers / f"{self.client_id}-r{config.round}"
+        again = marker.exists()
+        marker.touch()
         if self.stuck:
             time.sleep(600)
-        elif self.slow_round in (None, config.round):
+        elif self.slow_round is None or (self.slow_round == config.round and not again):
             time.sleep(self.delay)
         return self.inner.fit(params, config)
 

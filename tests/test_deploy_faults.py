@@ -5,6 +5,7 @@ clients are refused (no certificate, another CA, not enrolled, revoked)."""
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -177,6 +178,35 @@ def test_a_server_killed_mid_round_resumes_from_its_checkpoint_when_restarted(
     assert info.model_path is not None
     expected = _simulated(load_config(config_file))
     np.testing.assert_allclose(load_model(info.model_path).flat, expected.flat, atol=1e-5)
+
+
+def test_a_server_stopped_with_ctrl_c_records_the_interruption_and_resumes(
+    group: Procs, tmp_path: Path
+) -> None:
+    write_test_pki(tmp_path / "certs", clients=["client-0"])
+    config_file = _config(tmp_path, "ctrl-c", clients=1, rounds=3, min_replies=1)
+    address = f"127.0.0.1:{free_port()}"
+    first = _server(group, config_file, tmp_path, address)
+    slow = {"FEDLOOM_TEST_DELAY": "2", "FEDLOOM_TEST_SLOW_ROUND": "2"}
+    client = _paced_client(group, address, tmp_path, config_file, "client-0", **slow)
+    wait_until(lambda: (tmp_path / "client-0-r2").exists(), 60, "round 2's fit")
+    first.popen.send_signal(signal.SIGINT)
+    assert first.wait(30) == 130
+    with RunStore(tmp_path / "runs.sqlite") as store:
+        (run,) = store.list_runs()
+    assert (run.status, run.rounds) == ("interrupted", 1)
+    assert f"run {run.id} interrupted; continue it with `fedloom server ..." in first.stderr
+    # a stopped server says goodbye: its clients end (unlike after a kill -9) and are started again
+    assert client.wait(20) == 0, client.stderr
+    second = _server(group, config_file, tmp_path, address)
+    note = second.wait_for("fedloom server: resuming")
+    assert f"resuming run {run.id} from its checkpoint after round 1" in note
+    again = _paced_client(group, address, tmp_path, config_file, "client-0")
+    assert second.wait(60) == 0, second.stderr
+    assert again.wait(20) == 0, again.stderr
+    with RunStore(tmp_path / "runs.sqlite") as store:
+        assert [r.round for r in store.rounds(run.id)] == [1, 2, 3]
+        assert store.get_run(run.id).status == "finished"
 
 
 def test_a_restarted_server_starts_afresh_when_the_run_has_no_checkpoint(

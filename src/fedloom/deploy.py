@@ -217,7 +217,12 @@ def serve(
         print(f"fedloom server: listening on {transport.address}", flush=True)
         print(f"fedloom server: {plan.note}", flush=True)
         needed = clients if clients is not None else plan.config.data.num_clients
-        ids = transport.wait_for_clients(needed, wait)
+        try:
+            ids = transport.wait_for_clients(needed, wait)
+        except KeyboardInterrupt:
+            transport.close("the server was stopped")
+            print("fedloom server: interrupted while waiting for clients", file=sys.stderr)
+            return 130
         if len(ids) < needed:
             transport.close("the server gave up waiting for clients")
             print(f"fedloom server: {len(ids)} of {needed} clients connected after {wait:g} s")
@@ -230,6 +235,7 @@ def serve(
             quiet=quiet,
             transport=transport,
             client_ids=ids,
+            resume_hint="fedloom server ... (the same command again, or with --resume {run_id})",
         )
     finally:
         lock.close()

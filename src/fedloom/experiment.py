@@ -218,8 +218,11 @@ def run_experiment(
     quiet: bool = False,
     transport: Transport | None = None,
     client_ids: Sequence[str] | None = None,
+    resume_hint: str = "fedloom run --resume {run_id}",
 ) -> int:
     """Run (or resume) `config`, recording into `store_path`; print progress and the table.
+    On Ctrl-C the run is recorded as interrupted and `resume_hint` (formatted with `run_id`)
+    tells how to continue it; returns 130 then.
 
     By default the clients are simulated as the config says. With `transport` (for example a
     `GrpcTransport` serving real clients) and its `client_ids`, the federation runs over those
@@ -262,7 +265,7 @@ def run_experiment(
                 progress.close()
             print(
                 f"run {federation.run_id} interrupted; continue it with "
-                f"`fedloom run --resume {federation.run_id}`",
+                f"`{resume_hint.format(run_id=federation.run_id)}`",
                 file=sys.stderr,
             )
             return 130
