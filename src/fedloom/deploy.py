@@ -228,15 +228,23 @@ def serve(
             print(f"fedloom server: {len(ids)} of {needed} clients connected after {wait:g} s")
             return 1
         print(f"fedloom server: {len(ids)} clients connected: {', '.join(ids)}", flush=True)
-        return run_experiment(
-            plan.config,
-            store_path,
-            resume=plan.resume,
-            quiet=quiet,
-            transport=transport,
-            client_ids=ids,
-            resume_hint="fedloom server ... (the same command again, or with --resume {run_id})",
-        )
+        status = 1
+        try:
+            status = run_experiment(
+                plan.config,
+                store_path,
+                resume=plan.resume,
+                quiet=quiet,
+                transport=transport,
+                client_ids=ids,
+                resume_hint="fedloom server ... (the same command, or with --resume {run_id})",
+            )
+        finally:  # interrupted: the clients wait for the server to come back and resume
+            if status == 130:
+                transport.close("the server was stopped", come_back=True)
+            else:
+                transport.close()
+        return status
     finally:
         lock.close()
 

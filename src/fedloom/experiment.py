@@ -226,8 +226,8 @@ def run_experiment(
 
     By default the clients are simulated as the config says. With `transport` (for example a
     `GrpcTransport` serving real clients) and its `client_ids`, the federation runs over those
-    instead; the config's data then gives only the server's test set. The transport is closed
-    at the end either way."""
+    instead; the config's data then gives only the server's test set, and the transport
+    stays the caller's to close (one built here is closed here)."""
     from fedloom.report import Progress, human_bytes, rounds_table
 
     store_path = store_path.resolve()  # checkpoints and models are recorded by absolute path
@@ -235,6 +235,7 @@ def run_experiment(
     trainers, initial, evaluate = build_trainers(config.model, clients)
     ids = list(trainers) if client_ids is None else list(client_ids)
     strategy = build_strategy(config.strategy, len(ids))
+    owned = transport is None
     if transport is None:
         transport = build_transport(config, trainers)
     progress = Progress(config.federation.rounds) if not quiet else None
@@ -270,7 +271,8 @@ def run_experiment(
             )
             return 130
         finally:
-            transport.close()
+            if owned:
+                transport.close()
     history = result.history
     print(rounds_table(history))
     sent = sum(r.bytes_down for r in history)

@@ -52,8 +52,11 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PkiFiles:
     return write_test_pki(tmp_path_factory.mktemp("pki"), clients=IDS)
 
 
-def _server(pki: PkiFiles, log: list[str] | None = None, **options: object) -> GrpcTransport:
+def _server(
+    pki: PkiFiles, log: list[str] | None = None, address: str = "127.0.0.1:0", **options: object
+) -> GrpcTransport:
     return GrpcTransport(
+        address,
         server_cert=pki.server_cert.read_bytes(),
         server_key=pki.server_key.read_bytes(),
         client_ca=pki.ca.read_bytes(),
@@ -366,3 +369,8 @@ def test_a_session_receives_each_model_once_per_dispatch(
         first, second = server.dispatch([_fit("c00", params), _fit("c00", params)], PlainLocal())
         assert first.update is not None and second.update is not None
         assert first.bytes_down - second.bytes_down == len(encode_blob(params))
+
+
+def test_a_second_server_cannot_take_a_port_in_use(pki: PkiFiles) -> None:
+    with _server(pki) as first, pytest.raises(OSError, match=f"cannot listen on {first.address}"):
+        _server(pki, address=first.address)

@@ -50,12 +50,14 @@ class Welcome(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., heartbeat_seconds: _Optional[float] = ...) -> None: ...
 
 class Goodbye(_message.Message):
-    __slots__ = ("reason", "fatal")
+    __slots__ = ("reason", "fatal", "come_back")
     REASON_FIELD_NUMBER: _ClassVar[int]
     FATAL_FIELD_NUMBER: _ClassVar[int]
+    COME_BACK_FIELD_NUMBER: _ClassVar[int]
     reason: str
     fatal: bool
-    def __init__(self, reason: _Optional[str] = ..., fatal: _Optional[bool] = ...) -> None: ...
+    come_back: bool
+    def __init__(self, reason: _Optional[str] = ..., fatal: _Optional[bool] = ..., come_back: _Optional[bool] = ...) -> None: ...
 
 class Notice(_message.Message):
     __slots__ = ("text",)

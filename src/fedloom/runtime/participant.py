@@ -199,6 +199,8 @@ def _session(
                 elif kind == "goodbye":
                     if message.goodbye.fatal:
                         raise ParticipantError(f"the server refused us: {message.goodbye.reason}")
+                    if message.goodbye.come_back:
+                        raise _Lost(f"{message.goodbye.reason} (it will resume)", welcomed)
                     log(f"the server said goodbye: {message.goodbye.reason}")
                     return
                 elif kind == "notice":

@@ -99,6 +99,8 @@ class GrpcTransport:
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                # a second server on the same port fails instead of sharing it silently
+                ("grpc.so_reuseport", 0),
                 # accept the participants' keepalive pings (every 20 s)
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
@@ -220,11 +222,13 @@ class GrpcTransport:
     def restore_client_states(self, states: dict[str, ClientState]) -> None:
         """Nothing to restore: real clients keep their own state."""
 
-    def close(self, reason: str = "the federation is over") -> None:
-        """Say goodbye to every client and stop the server. Idempotent."""
+    def close(self, reason: str = "the federation is over", *, come_back: bool = False) -> None:
+        """Say goodbye to every client and stop the server. With `come_back` the clients are
+        told the run is not over (the server will resume it): they keep reconnecting.
+        Idempotent."""
         if self.closed.is_set():
             return
-        self.sessions.close(reason)
+        self.sessions.close(reason, come_back=come_back)
         self._server.stop(grace=2.0).wait()
 
     def __enter__(self) -> GrpcTransport:

@@ -150,15 +150,17 @@ class Sessions:
         if pending is not None and pending.fit:
             session.send(pb.ServerMessage(forget=pb.Forget(round=pending.round)))
 
-    def close(self, reason: str) -> None:
-        """Say goodbye to every client and drop every session. Idempotent."""
+    def close(self, reason: str, *, come_back: bool = False) -> None:
+        """Say goodbye to every client (`come_back`: the run will resume, reconnect) and drop
+        every session. Idempotent."""
         with self.lock:
             if self.closed.is_set():
                 return
             self.closed.set()
             sessions = list(self._table.values())
         for session in sessions:
-            session.send(pb.ServerMessage(goodbye=pb.Goodbye(reason=reason)))
+            goodbye = pb.Goodbye(reason=reason, come_back=come_back)
+            session.send(pb.ServerMessage(goodbye=goodbye))
             self.drop(session, "the server closed")
 
     def drop(self, session: Session, reason: str) -> None:
