@@ -17,7 +17,7 @@ single-core compute of a round; half of it is the best two cores could do.
 
 Child entry points:
 
-    python bench/deploy/floor.py receiver HOST:PORT DOWN UP ROUNDS [CERTS K]
+    python bench/deploy/floor.py receiver HOST:PORT DOWN UP ROUNDS WARMUP [CERTS K]
     python bench/deploy/floor.py compute PREP ROUNDS OUT.json
 """
 
@@ -65,9 +65,10 @@ def _server_context(certs: Path) -> ssl.SSLContext:
 
 
 def receiver_main(
-    address: str, down: int, up: int, rounds: int, certs: Path | None, k: int
+    address: str, down: int, up: int, rounds: int, warmup: int, certs: Path | None, k: int
 ) -> None:
-    """One receiver process: per round, read `down` bytes, send `up` bytes."""
+    """One receiver process: per round, read `down` bytes, send `up` bytes; at the end print
+    the CPU seconds it used after the first `warmup` rounds."""
     host, port = address.rsplit(":", 1)
     sock = socket.create_connection((host, int(port)))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -75,17 +76,22 @@ def receiver_main(
         sock = _client_context(certs, k).wrap_socket(sock, server_hostname=host)
     inbox = memoryview(bytearray(down))
     payload = bytes(up)
-    for _ in range(rounds):
+    cpu = time.process_time()
+    for r in range(rounds):
+        if r == warmup:
+            cpu = time.process_time()
         _recv_exactly(sock, inbox)
         sock.sendall(payload)
+    print(f"CPU {time.process_time() - cpu:.6f}", flush=True)
     sock.close()
 
 
 def loopback(
-    clients: int, down: int, up: int, rounds: int, work: Path, certs: Path | None
-) -> list[float]:
-    """Seconds per round (every round, warm-up included) of the loopback floor; TLS when
-    `certs` is given."""
+    clients: int, down: int, up: int, rounds: int, warmup: int, work: Path, certs: Path | None
+) -> dict[str, Any]:
+    """The loopback floor; TLS when `certs` is given. Returns `round_seconds` (every round,
+    warm-up included) and `cpu_per_round`: CPU seconds of the driver and all receivers
+    together per round after the warm-up."""
     listener = socket.create_server((HOST, 0), backlog=clients)
     port = listener.getsockname()[1]
     name = "loopback-tls" if certs is not None else "loopback-tcp"
@@ -96,7 +102,7 @@ def loopback(
             for k in range(clients):
                 tail = [str(certs), str(k)] if certs is not None else []
                 argv = [sys.executable, str(HERE), "receiver", f"{HOST}:{port}", str(down),
-                        str(up), str(rounds), *tail]  # fmt: skip
+                        str(up), str(rounds), str(warmup), *tail]  # fmt: skip
                 procs.start(f"receiver-{k:02d}", argv)
             listener.settimeout(60.0)
             ctx = _server_context(certs) if certs is not None else None
@@ -112,15 +118,25 @@ def loopback(
                 _recv_exactly(conns[i], inboxes[i])
 
             with ThreadPoolExecutor(max_workers=clients) as pool:
-                for _ in range(rounds):
+                cpu = time.process_time()
+                for r in range(rounds):
+                    if r == warmup:
+                        cpu = time.process_time()
                     start = time.perf_counter()
                     list(pool.map(exchange, range(clients)))
                     times.append(time.perf_counter() - start)
+                cpu = time.process_time() - cpu
+            for child in procs.children:
+                child.wait(timeout=30.0)
     finally:
         for c in conns:
             c.close()
         listener.close()
-    return times
+    logs = work / f"logs-{name}"
+    for k in range(clients):
+        text = (logs / f"receiver-{k:02d}.log").read_text()
+        cpu += float(text.split("CPU ")[-1].split()[0])
+    return {"round_seconds": times, "cpu_per_round": cpu / max(rounds - warmup, 1)}
 
 
 def compute_main(prep: Path, rounds: int, out: Path) -> None:
@@ -180,9 +196,9 @@ def compute(prep: Path, rounds: int, work: Path, timeout: float) -> list[float]:
 def main(argv: list[str]) -> None:
     """Child entry points (see the module docstring)."""
     if argv[0] == "receiver":
-        certs = Path(argv[5]) if len(argv) > 5 else None
-        k = int(argv[6]) if len(argv) > 6 else 0
-        receiver_main(argv[1], int(argv[2]), int(argv[3]), int(argv[4]), certs, k)
+        certs = Path(argv[6]) if len(argv) > 6 else None
+        k = int(argv[7]) if len(argv) > 7 else 0
+        receiver_main(argv[1], int(argv[2]), int(argv[3]), int(argv[4]), int(argv[5]), certs, k)
     elif argv[0] == "compute":
         compute_main(Path(argv[1]), int(argv[2]), Path(argv[3]))
     else:

@@ -39,6 +39,10 @@ def _s(x: float) -> str:
     return f"{x:.3f}"
 
 
+def _server_cpu(m: dict[str, Any], w: Workload) -> list[float]:
+    return [r["server_cpu"] for r in m["fedloom"]["rounds"][w.warmup :] if "server_cpu" in r]
+
+
 def _others(r: Row) -> str:
     return "-" if r.others is None else f"{r.others:.2f}"
 
@@ -85,6 +89,22 @@ def render(w: Workload, m: dict[str, Any], command: str, when: str, machine: str
             f"| {_others(r)} |"
         )
     lines.append(f"| ideal 2-core compute (compute floor / 2) | {_s(ideal)} | - | - | - | - |")
+    cpu = [
+        f"{m[k]['cpu_per_round']:.3f} CPU-s over {label}"
+        for k, label in (("tcp", "TCP"), ("tls", "TLS"))
+        if isinstance(m.get(k), dict) and "cpu_per_round" in m[k]
+    ]
+    if cpu:
+        lines += [
+            "",
+            f"CPU per timed round of the loopback floors (driver and {w.clients} receivers): "
+            + ", ".join(cpu)
+            + (
+                f"; fedloom's server process alone used {median(_server_cpu(m, w)):.3f} CPU-s."
+                if "fedloom" in m
+                else "."
+            ),
+        ]
     lines += ["", "Verdicts:", ""]
     if "fedloom" in rows and "flower" in rows:
         f, fl = rows["fedloom"].median, rows["flower"].median

@@ -32,6 +32,7 @@ import shlex
 import sys
 from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,23 @@ def machine() -> str:
         f"{platform.python_version()}, torch {version('torch')}, grpcio {version('grpcio')}, "
         f"flwr 1.42.0 (bench/.venv-flower)"
     )
+
+
+def revision() -> str:
+    """`git describe --always --dirty` of the checkout (dirty: uncommitted changes anywhere)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=BENCHMARKS.parent,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return out.stdout.strip()
 
 
 def max_abs_diff(a: str, b: str) -> float:
@@ -111,13 +129,18 @@ def measure(
         return result
 
     step("compute", "compute floor", lambda: floor.compute(prep, n, work, timeout))
-    step("tcp", "loopback floor, TCP", lambda: floor.loopback(w.clients, mb, mb, n, work, None))
-    step("tls", "loopback floor, TLS", lambda: floor.loopback(w.clients, mb, mb, n, work, certs))
+    for key, tls in (("tcp", None), ("tls", certs)):
+        step(
+            key,
+            f"loopback floor, {key.upper()}",
+            partial(floor.loopback, w.clients, mb, mb, n, w.warmup, work, tls),
+        )
     rows["compute"] = Row(
         "compute floor: plain PyTorch, 1 process, 1 thread", timed(raw["compute"], w)
     )
-    rows["tcp"] = Row("loopback floor: round's bytes, plain TCP", timed(raw["tcp"], w))
-    rows["tls"] = Row("loopback floor: round's bytes, mutual TLS", timed(raw["tls"], w))
+    for key, what in (("tcp", "plain TCP"), ("tls", "mutual TLS")):
+        seconds = timed(raw[key]["round_seconds"], w)
+        rows[key] = Row(f"loopback floor: round's bytes, {what}", seconds)
     if "fedloom" in only:
         f = step("fedloom", "fedloom", lambda: run_fedloom(w, prep, certs, work, timeout, profile))
         rows["fedloom"] = Row(
@@ -170,7 +193,9 @@ def main() -> None:
     args = p.parse_args()
     w = Workload(args.clients, args.rounds, args.warmup, args.batch, args.lr)
     only = set(args.only or ["fedloom", "flower"])
-    when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC") + (
+        f" (revision {revision()})"
+    )
     result = measure(w, only, not args.flower_insecure, args.timeout, args.quiet_wait, args.profile)
     command = "flock /tmp/fedloom-bench.lock python bench/deploy/run.py" + (
         " " + shlex.join(sys.argv[1:]) if sys.argv[1:] else ""
@@ -180,7 +205,9 @@ def main() -> None:
     print()
     print(block)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    (RESULTS_DIR / "results.json").write_text(json.dumps(result["raw"], indent=1, default=str))
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S")
+    for name in ("results.json", f"results-{stamp}.json"):  # the latest, and one per run
+        (RESULTS_DIR / name).write_text(json.dumps(result["raw"], indent=1, default=str))
     if args.profile:
         print()
         print(cpu_summary(w, result["raw"].get("fedloom")))
