@@ -19,9 +19,7 @@ from fedloom.core.types import (
 )
 from fedloom.proto import fedloom_pb2 as pb
 from fedloom.runtime.frames import (
-    Assembler,
     FrameError,
-    chunks,
     decode_reply,
     decode_task,
     encode_blob,
@@ -31,6 +29,7 @@ from fedloom.runtime.frames import (
     local_spec,
 )
 from fedloom.runtime.messages import pack
+from fedloom.runtime.streams import Assembler, chunks
 
 
 def _round_trip(

@@ -33,16 +33,10 @@ from fedloom.runtime.enrolment import (
     load_private_key,
     reply_message,
 )
-from fedloom.runtime.frames import (
-    PROTOCOL_VERSION,
-    Assembler,
-    chunks,
-    decode_task,
-    encode_blob,
-    encode_reply,
-)
+from fedloom.runtime.frames import PROTOCOL_VERSION, decode_task, encode_blob, encode_reply
 from fedloom.runtime.participant import ParticipantError, run_participant
 from fedloom.runtime.remote import GrpcTransport
+from fedloom.runtime.streams import Assembler, chunks
 
 IDS = ("c00", "c01", "c02", "x", "raw", "slow")
 
@@ -225,9 +219,12 @@ class RawClient:
         """The chunks of a reply to `task_id`, signed with `key_of`'s key for `nonce`."""
         frame = encode_reply(task_id, Reply(self.client_id, update=update))
         signer = load_private_key(self.pki.client_files(key_of)[1].read_bytes())
-        return chunks(
-            task_id, frame, signature=signer.sign(reply_message(nonce, frame_digest(frame)))
-        )
+        sig = signer.sign(reply_message(nonce, frame_digest(frame)))
+        return [
+            pb.Chunk(frame_id=c.frame_id, total_size=c.total_size, data=bytes(c.data), last=c.last,
+                     signature=c.signature)
+            for c in chunks(task_id, frame, signature=sig)
+        ]  # fmt: skip
 
     def send(self, parts: list[pb.Chunk]) -> None:
         for chunk in parts:

@@ -14,7 +14,6 @@ Decoding never trusts the sender: anything malformed raises `FrameError` with a 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import struct
@@ -36,7 +35,6 @@ from fedloom.core.types import (
     Update,
 )
 from fedloom.core.wire import WireError, decode, encode
-from fedloom.proto import fedloom_pb2 as pb
 from fedloom.runtime.messages import pack, unpack
 
 #: The protocol version this fedloom speaks (`Hello.protocol_version`, `Welcome`).
@@ -114,7 +112,7 @@ def decode_task(
     frame: bytes, blobs: Mapping[int, bytes]
 ) -> tuple[int, bytes, Task, LocalAlgorithm]:
     """Parse a task frame into (task id, nonce, task, client half), taking the arrays it refers
-    to from `blobs` (blob frames by id); raises `FrameError` (with `task_id` when it could be
+    to from `blobs` (blob frames by id; the arrays are read-only views of them); raises `FrameError` (with `task_id` when it could be
     read) for a malformed frame or a missing blob."""
     head, _ = _unpack(frame, "task")
     task_id = head.get("task")
@@ -130,7 +128,7 @@ def decode_task(
         missing = [r for r in refs if r not in blobs]
         if missing:
             raise FrameError(f"the task refers to blob(s) {missing} this session never received")
-        arrays = [decode(blobs[r])[0] for r in refs]
+        arrays = [decode(blobs[r], copy=False)[0] for r in refs]  # read-only views
         fit = FitConfig(**{k: head["fit"][k] for k in _FIT_FIELDS}) if head["fit"] else None
         evaluate = EvalConfig(**head["eval"]) if head["eval"] else None
         broadcast = dict(zip(names, arrays[1:], strict=True))
@@ -204,76 +202,6 @@ def decode_reply(frame: bytes) -> tuple[int, Reply]:
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise FrameError(f"malformed reply: {_why(exc)}", task_id) from exc
     return task_id, Reply(cid, update=update, seconds=seconds)
-
-
-# -- chunking -----------------------------------------------------------------------------------
-def chunks(
-    frame_id: int, frame: bytes, size: int = CHUNK_BYTES, signature: bytes = b""
-) -> list[pb.Chunk]:
-    """`frame` as consecutive chunks of at most `size` bytes (one chunk if empty); the last
-    carries `signature`."""
-    view = memoryview(frame)
-    starts = range(0, max(len(frame), 1), size)
-    return [
-        pb.Chunk(
-            frame_id=frame_id,
-            total_size=len(frame),
-            data=bytes(view[s : s + size]),
-            last=s + size >= len(frame),
-            signature=signature if s + size >= len(frame) else b"",
-        )
-        for s in starts
-    ]
-
-
-class Assembler:
-    """Reassembles frames from consecutive chunks, refusing frames over `max_bytes`.
-
-    With `digest=True` it hashes the chunks as they arrive: after `add` returned a frame,
-    `digest` is its SHA-256 and `signature` what its last chunk carried."""
-
-    def __init__(self, max_bytes: int = MAX_FRAME_BYTES, *, digest: bool = False) -> None:
-        self.max_bytes = max_bytes
-        self._parts: list[bytes] = []
-        self._size = 0
-        self._frame: tuple[int, int] | None = None
-        self._hashing = digest
-        self._hash = hashlib.sha256()
-        #: SHA-256 of the last frame returned (with `digest=True`).
-        self.digest = b""
-        #: The signature on the last frame's last chunk.
-        self.signature = b""
-
-    def add(self, chunk: pb.Chunk) -> bytes | None:
-        """Take one chunk; the whole frame once its last chunk arrived, else None.
-
-        Raises `FrameError` for a frame over the cap, a chunk of another frame before the
-        current one ended, or data beyond (or short of) the declared size."""
-        key = (chunk.frame_id, chunk.total_size)
-        if self._frame is None:
-            if chunk.total_size > self.max_bytes:
-                raise FrameError(
-                    f"frame of {chunk.total_size} bytes exceeds the cap of {self.max_bytes} bytes"
-                )
-            self._frame = key
-        elif key != self._frame:
-            raise FrameError(f"chunk of frame {chunk.frame_id} inside frame {self._frame[0]}")
-        self._parts.append(chunk.data)
-        self._size += len(chunk.data)
-        if self._hashing:
-            self._hash.update(chunk.data)
-        if self._size > chunk.total_size:
-            raise FrameError(f"chunks carry more than the declared {chunk.total_size} bytes")
-        if not chunk.last:
-            return None
-        if self._size != chunk.total_size:
-            raise FrameError(f"frame ended at {self._size} of {chunk.total_size} bytes")
-        frame = b"".join(self._parts)
-        self._parts, self._size, self._frame = [], 0, None
-        self.signature = chunk.signature
-        if self._hashing:
-            self.digest, self._hash = self._hash.digest(), hashlib.sha256()
-        return frame
 
 
 # -- helpers ------------------------------------------------------------------------------------

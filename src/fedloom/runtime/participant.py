@@ -27,7 +27,6 @@ from fedloom.algorithms.base import ClientState
 from fedloom.core.trainer import Trainer
 from fedloom.core.types import Failure, Reply
 from fedloom.proto import fedloom_pb2 as pb
-from fedloom.proto import fedloom_pb2_grpc as pb_grpc
 from fedloom.runtime.client import run_task
 from fedloom.runtime.enrolment import Signer, frame_digest, load_private_key, reply_message
 from fedloom.runtime.frames import (
@@ -35,12 +34,11 @@ from fedloom.runtime.frames import (
     MAX_FRAME_BYTES,
     MAX_MESSAGE_BYTES,
     PROTOCOL_VERSION,
-    Assembler,
     FrameError,
-    chunks,
     decode_task,
     encode_reply,
 )
+from fedloom.runtime.streams import REPLY, Assembler, Chunk, chunk_message, chunks, session_call
 
 #: Models (blob frames) a session keeps: more than one dispatch ever refers to at once.
 _BLOBS_KEPT = 8
@@ -163,11 +161,11 @@ def _session(
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
     ]
-    outbox: queue.SimpleQueue[pb.ClientMessage | None] = queue.SimpleQueue()
+    outbox: queue.SimpleQueue[pb.ClientMessage | bytes | None] = queue.SimpleQueue()
     hello = pb.Hello(client_id=client_id, protocol_version=PROTOCOL_VERSION)
     outbox.put(pb.ClientMessage(hello=hello))
 
-    def requests() -> Iterator[pb.ClientMessage]:
+    def requests() -> Iterator[pb.ClientMessage | bytes]:
         while (message := outbox.get()) is not None:
             yield message
 
@@ -175,13 +173,27 @@ def _session(
     blobs: OrderedDict[int, bytes] = OrderedDict()  # this session's models, oldest first
     beating = threading.Event()  # set when the session ends: stops the heartbeats
     with grpc.secure_channel(address, credentials, options=options) as channel:
-        stub = pb_grpc.FederationStub(channel)  # type: ignore[no-untyped-call]
-        responses = stub.Session(requests())
+        responses = session_call(channel)(requests())
         watcher = threading.Thread(target=_cancel_on, args=(stop, responses), daemon=True)
         watcher.start()
         tasks, models = Assembler(MAX_FRAME_BYTES), Assembler(MAX_FRAME_BYTES)
         try:
             for message in responses:
+                if isinstance(message, Chunk):
+                    if message.kind == "blob" and (frame := models.add(message)) is not None:
+                        blobs[message.frame_id] = frame
+                        while len(blobs) > _BLOBS_KEPT:
+                            blobs.popitem(last=False)
+                    elif message.kind == "task" and (frame := tasks.add(message)) is not None:
+                        task_id, nonce, reply = _serve(frame, blobs, client_id, trainer, states)
+                        done[0] += 1
+                        data = encode_reply(task_id, reply)
+                        sig = (
+                            signer.sign(reply_message(nonce, frame_digest(data))) if signer else b""
+                        )
+                        for chunk in chunks(task_id, data, CHUNK_BYTES, sig):
+                            outbox.put(chunk_message(REPLY, chunk))
+                    continue
                 kind = message.WhichOneof("body")
                 if kind == "welcome":
                     version = message.welcome.protocol_version
@@ -207,23 +219,6 @@ def _session(
                     log(f"server notice: {message.notice.text}")
                 elif kind == "forget":
                     states.forget(message.forget.round)
-                elif kind == "blob":
-                    frame = models.add(message.blob)
-                    if frame is not None:
-                        blobs[message.blob.frame_id] = frame
-                        while len(blobs) > _BLOBS_KEPT:
-                            blobs.popitem(last=False)
-                elif kind == "task":
-                    frame = tasks.add(message.task)
-                    if frame is not None:
-                        task_id, nonce, reply = _serve(frame, blobs, client_id, trainer, states)
-                        done[0] += 1
-                        data = encode_reply(task_id, reply)
-                        sig = (
-                            signer.sign(reply_message(nonce, frame_digest(data))) if signer else b""
-                        )
-                        for chunk in chunks(task_id, data, CHUNK_BYTES, sig):
-                            outbox.put(pb.ClientMessage(reply=chunk))
         except grpc.RpcError as exc:
             if stop.is_set():
                 return
@@ -266,7 +261,7 @@ def _serve(
 
 
 def _heartbeats(
-    outbox: queue.SimpleQueue[pb.ClientMessage | None], every: float, stop: threading.Event
+    outbox: queue.SimpleQueue[pb.ClientMessage | bytes | None], every: float, stop: threading.Event
 ) -> None:
     """Queue a heartbeat every `every` seconds until `stop` is set."""
     while not stop.wait(every):

@@ -31,23 +31,21 @@ import grpc
 from fedloom.algorithms.base import ClientState, LocalAlgorithm
 from fedloom.core.params import Params
 from fedloom.core.types import Reply, Task
-from fedloom.proto import fedloom_pb2 as pb
-from fedloom.proto import fedloom_pb2_grpc as pb_grpc
 from fedloom.runtime.enrolment import Enrolment
 from fedloom.runtime.frames import (
     CHUNK_BYTES,
     MAX_FRAME_BYTES,
     MAX_MESSAGE_BYTES,
     FrameError,
-    chunks,
     encode_blob,
     encode_task,
     local_spec,
 )
 from fedloom.runtime.sessions import Pending, Results, Session, Sessions, failure, server_log
+from fedloom.runtime.streams import BLOB, TASK, chunk_message, chunks, server_handler
 
 #: A model or broadcast vector encoded once per dispatch: (blob id, its messages, bytes).
-_Blob = tuple[int, list[pb.ServerMessage], int]
+_Blob = tuple[int, list[bytes], int]
 
 
 class GrpcTransport:
@@ -108,7 +106,7 @@ class GrpcTransport:
             ],
             maximum_concurrent_rpcs=max_clients,
         )
-        pb_grpc.add_FederationServicer_to_server(_Servicer(self.sessions), self._server)  # type: ignore[no-untyped-call]
+        self._server.add_generic_rpc_handlers((server_handler(self.sessions.serve),))
         credentials = grpc.ssl_server_credentials(
             [(server_key, server_cert)],
             root_certificates=client_ca,
@@ -167,7 +165,7 @@ class GrpcTransport:
             if id(params) not in blobs:
                 blob_id, data = next(self._ids), encode_blob(params)
                 parts = chunks(blob_id, data, self.chunk_bytes)
-                blobs[id(params)] = (blob_id, [pb.ServerMessage(blob=c) for c in parts], len(data))
+                blobs[id(params)] = (blob_id, [chunk_message(BLOB, c) for c in parts], len(data))
             return blobs[id(params)]
 
         try:
@@ -191,7 +189,7 @@ class GrpcTransport:
                 waiting[task_id] = (task, session)
                 messages = [m for b in fresh for m in b[1]]
                 messages += (
-                    pb.ServerMessage(task=c) for c in chunks(task_id, frame, self.chunk_bytes)
+                    chunk_message(TASK, c) for c in chunks(task_id, frame, self.chunk_bytes)
                 )
                 session.send(*messages)
             while waiting:
@@ -236,15 +234,3 @@ class GrpcTransport:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-class _Servicer:
-    """The generated servicer interface, forwarding to the transport."""
-
-    def __init__(self, sessions: Sessions) -> None:
-        self.sessions = sessions
-
-    def Session(
-        self, requests: Iterator[pb.ClientMessage], context: grpc.ServicerContext
-    ) -> Iterator[pb.ServerMessage]:
-        return self.sessions.serve(requests, context)

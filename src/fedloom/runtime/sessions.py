@@ -26,7 +26,8 @@ from cryptography import x509
 from fedloom.core.types import Failure, Reply
 from fedloom.proto import fedloom_pb2 as pb
 from fedloom.runtime.enrolment import Enrolment, reply_message, verify
-from fedloom.runtime.frames import PROTOCOL_VERSION, Assembler, FrameError, decode_reply
+from fedloom.runtime.frames import PROTOCOL_VERSION, FrameError, decode_reply
+from fedloom.runtime.streams import Assembler, Chunk
 
 #: What a dispatch waits on: (task id, reply).
 Results = queue.SimpleQueue[tuple[int, Reply]]
@@ -65,7 +66,7 @@ class Session:
     peer: str
     #: The client's certificate (mutual TLS), which verifies its replies' signatures.
     cert: x509.Certificate | None = None
-    outbox: queue.SimpleQueue[list[pb.ServerMessage] | None] = field(
+    outbox: queue.SimpleQueue[list[pb.ServerMessage | bytes] | None] = field(
         default_factory=queue.SimpleQueue
     )
     #: Tasks sent and not yet answered, in send order (the client answers in that order).
@@ -73,8 +74,8 @@ class Session:
     dropped: bool = False
     last_seen: float = field(default_factory=time.monotonic)
 
-    def send(self, *messages: pb.ServerMessage) -> None:
-        """Queue messages for the client, consecutively."""
+    def send(self, *messages: pb.ServerMessage | bytes) -> None:
+        """Queue messages (or serialized ones) for the client, consecutively."""
         self.outbox.put(list(messages))
 
 
@@ -182,13 +183,14 @@ class Sessions:
 
     # -- one stream (on gRPC's threads) -------------------------------------------------------
     def serve(
-        self, requests: Iterator[pb.ClientMessage], context: grpc.ServicerContext
-    ) -> Iterator[pb.ServerMessage]:
+        self, requests: Iterator[pb.ClientMessage | Chunk], context: grpc.ServicerContext
+    ) -> Iterator[pb.ServerMessage | bytes]:
         """One client's stream: check the hello, register, then send what the outbox holds."""
         try:
-            hello = next(requests)
+            first = next(requests)
         except (StopIteration, grpc.RpcError):
             return
+        hello = first if isinstance(first, pb.ClientMessage) else pb.ClientMessage()
         cert = _peer_certificate(context) if self.mutual else None
         refusal = self._refusal(hello, cert)
         if refusal is not None:
@@ -232,19 +234,22 @@ class Sessions:
         with self.lock:
             return self._enrolment.refusal(cid, cert)
 
-    def _read(self, session: Session, requests: Iterator[pb.ClientMessage]) -> None:
+    def _read(self, session: Session, requests: Iterator[pb.ClientMessage | Chunk]) -> None:
         """Reassemble and deliver one session's replies until the stream ends."""
         assembler = Assembler(self.max_frame_bytes, digest=self.mutual)
         reason = "disconnected"
         try:
             for message in requests:
                 session.last_seen = time.monotonic()
-                kind = message.WhichOneof("body")
-                if kind == "heartbeat":
+                if isinstance(message, Chunk):
+                    chunk: Chunk | pb.Chunk = message
+                elif message.WhichOneof("body") == "heartbeat":
                     continue
-                if kind != "reply":
+                elif message.WhichOneof("body") == "reply":
+                    chunk = message.reply
+                else:
                     raise FrameError("a hello in the middle of a session")
-                frame = assembler.add(message.reply)
+                frame = assembler.add(chunk)
                 if frame is not None:
                     self._deliver(session, frame, assembler.digest, assembler.signature)
         except FrameError as exc:
