@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from participants import participants
 from toy import federation_of, initial
 
 import fedloom
@@ -19,7 +19,6 @@ from fedloom.certs import PkiFiles, write_test_pki
 from fedloom.cli import main
 from fedloom.runtime.enrolment import common_name
 from fedloom.runtime.federation import Federation, Settings
-from fedloom.runtime.participant import run_participant
 from fedloom.runtime.remote import GrpcTransport
 
 SRC = Path(fedloom.__file__).resolve().parents[1]
@@ -53,27 +52,14 @@ def test_scaffold_over_grpc_equals_the_simulation(tmp_path: Path) -> None:
     """Each participant keeps its own control variate c_i across rounds."""
     pki = write_test_pki(tmp_path)  # server-only TLS: ids are not bound to certificates
     settings = Settings(rounds=3, fraction_fit=1.0, fraction_evaluate=1.0, learning_rate=0.05)
-    stop = threading.Event()
-    with GrpcTransport(
-        server_cert=pki.server_cert.read_bytes(), server_key=pki.server_key.read_bytes()
-    ) as transport:
-        threads = [
-            threading.Thread(
-                target=run_participant,
-                args=(transport.address, cid, trainer),
-                kwargs={"root_cert": pki.ca.read_bytes(), "stop": stop, "log": lambda _: None},
-            )
-            for cid, trainer in federation_of(3).items()
-        ]
-        for t in threads:
-            t.start()
-        try:
-            ids = transport.wait_for_clients(3, timeout=10)
-            remote = Federation(Scaffold(num_clients=3), transport, ids, settings).run(initial())
-        finally:
-            stop.set()
-            for t in threads:
-                t.join(10)
+    with (
+        GrpcTransport(
+            server_cert=pki.server_cert.read_bytes(), server_key=pki.server_key.read_bytes()
+        ) as transport,
+        participants(transport.address, federation_of(3), pki, mutual=False),
+    ):
+        ids = transport.wait_for_clients(3, timeout=10)
+        remote = Federation(Scaffold(num_clients=3), transport, ids, settings).run(initial())
     local = Federation.simulation(Scaffold(num_clients=3), federation_of(3), settings)
     simulated = local.run(initial())
     np.testing.assert_allclose(remote.state.params.flat, simulated.state.params.flat, atol=1e-6)

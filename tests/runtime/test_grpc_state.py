@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
+from participants import participants
 from toy import Toy, federation_of, initial
 
 from fedloom.algorithms import Scaffold, ScaffoldLocal
@@ -14,7 +14,7 @@ from fedloom.certs import write_test_pki
 from fedloom.core.params import Params
 from fedloom.core.types import FitConfig, Task, TaskKind, Update
 from fedloom.runtime.federation import Federation, Settings
-from fedloom.runtime.participant import StateHistory, run_participant
+from fedloom.runtime.participant import StateHistory
 from fedloom.runtime.remote import GrpcTransport
 
 
@@ -26,37 +26,17 @@ def test_a_retried_scaffold_round_over_grpc_equals_the_simulation(tmp_path: Path
     settings = Settings(
         rounds=3, fraction_fit=1.0, min_fit_clients=3, max_retries=1, learning_rate=0.05
     )
-    stop = threading.Event()
-    with GrpcTransport(
-        server_cert=pki.server_cert.read_bytes(),
-        server_key=pki.server_key.read_bytes(),
-        client_ca=pki.ca.read_bytes(),
-        log=lambda _: None,
-    ) as transport:
-        threads = []
-        for cid, trainer in federation_of(3, modes={2: "flaky"}).items():
-            cert, key = pki.client_files(cid)
-            kwargs = {
-                "root_cert": pki.ca.read_bytes(),
-                "cert_chain": cert.read_bytes(),
-                "private_key": key.read_bytes(),
-                "stop": stop,
-                "log": lambda _: None,
-            }
-            threads.append(
-                threading.Thread(
-                    target=run_participant, args=(transport.address, cid, trainer), kwargs=kwargs
-                )
-            )
-        for t in threads:
-            t.start()
-        try:
-            ids = transport.wait_for_clients(3, timeout=10)
-            remote = Federation(Scaffold(num_clients=3), transport, ids, settings).run(initial())
-        finally:
-            stop.set()
-            for t in threads:
-                t.join(10)
+    with (
+        GrpcTransport(
+            server_cert=pki.server_cert.read_bytes(),
+            server_key=pki.server_key.read_bytes(),
+            client_ca=pki.ca.read_bytes(),
+            log=lambda _: None,
+        ) as transport,
+        participants(transport.address, federation_of(3, modes={2: "flaky"}), pki),
+    ):
+        ids = transport.wait_for_clients(3, timeout=10)
+        remote = Federation(Scaffold(num_clients=3), transport, ids, settings).run(initial())
     assert remote.history[0].num_selected == 6  # two attempts of three clients
     simulated = Federation.simulation(
         Scaffold(num_clients=3), federation_of(3, modes={2: "flaky"}), settings
@@ -96,41 +76,27 @@ def test_a_straggler_forgets_the_state_of_the_round_that_did_not_use_its_reply(
     update must then start from no control variate, as if round 1 had never run there."""
     pki = write_test_pki(tmp_path, clients=["c00"])
     base = federation_of(1)["c00"]
-    cert, key = pki.client_files("c00")
-    stop = threading.Event()
-    with GrpcTransport(
-        server_cert=pki.server_cert.read_bytes(),
-        server_key=pki.server_key.read_bytes(),
-        client_ca=pki.ca.read_bytes(),
-        timeout=0.5,
-        log=lambda _: None,
-    ) as transport:
-        client = threading.Thread(
-            target=run_participant,
-            args=(transport.address, "c00", SlowFirstRound(base.target, base.num_train_examples)),
-            kwargs={
-                "root_cert": pki.ca.read_bytes(),
-                "cert_chain": cert.read_bytes(),
-                "private_key": key.read_bytes(),
-                "stop": stop,
-                "log": lambda _: None,
-            },
-        )
-        client.start()
-        try:
-            transport.wait_for_clients(1, timeout=10)
-            control = {"control": initial() * 0.1}
-            fit = FitConfig(round=1, learning_rate=0.05)
-            task = Task("c00", TaskKind.FIT, initial(), fit, None, control)
-            (first,) = transport.dispatch([task], ScaffoldLocal())
-            assert first.failure is not None and "straggler" in first.failure.reason
-            transport.timeout = 20.0
-            second_fit = FitConfig(round=2, learning_rate=0.05)
-            task = Task("c00", TaskKind.FIT, initial() * 2.0, second_fit, None, control)
-            (second,) = transport.dispatch([task], ScaffoldLocal())
-        finally:
-            stop.set()
-            client.join(10)
+    slow = {"c00": SlowFirstRound(base.target, base.num_train_examples)}
+    with (
+        GrpcTransport(
+            server_cert=pki.server_cert.read_bytes(),
+            server_key=pki.server_key.read_bytes(),
+            client_ca=pki.ca.read_bytes(),
+            timeout=0.5,
+            log=lambda _: None,
+        ) as transport,
+        participants(transport.address, slow, pki),
+    ):
+        transport.wait_for_clients(1, timeout=10)
+        control = {"control": initial() * 0.1}
+        fit = FitConfig(round=1, learning_rate=0.05)
+        task = Task("c00", TaskKind.FIT, initial(), fit, None, control)
+        (first,) = transport.dispatch([task], ScaffoldLocal())
+        assert first.failure is not None and "straggler" in first.failure.reason
+        transport.timeout = 20.0
+        second_fit = FitConfig(round=2, learning_rate=0.05)
+        task = Task("c00", TaskKind.FIT, initial() * 2.0, second_fit, None, control)
+        (second,) = transport.dispatch([task], ScaffoldLocal())
     assert second.update is not None
     fresh = ScaffoldLocal().run(base, initial() * 2.0, second_fit, control, {})
     np.testing.assert_allclose(second.update.delta.flat, fresh.delta.flat, rtol=1e-6)
