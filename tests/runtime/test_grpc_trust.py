@@ -198,7 +198,7 @@ class RawClient:
         hello = pb.Hello(client_id=client_id, protocol_version=PROTOCOL_VERSION)
         self.out.put(pb.ClientMessage(hello=hello))
         self.responses = pb_grpc.FederationStub(self.channel).Session(iter(self.out.get, None))
-        assert next(self.responses).WhichOneof("body") == "welcome"
+        self.welcome = next(self.responses).welcome
         self.blobs: dict[int, bytes] = {}
 
     def next_task(self) -> tuple[int, bytes, Task]:
@@ -253,6 +253,7 @@ def test_an_update_signed_with_another_clients_key_is_rejected(pki: PkiFiles) ->
     with _server(pki, log, timeout=20.0) as server:
         raw = RawClient(server.address, pki, "raw")
         try:
+            assert raw.welcome.sign_replies is True
             server.wait_for_clients(1, timeout=10)
             for signer, accepted in (("c00", False), ("raw", True)):
                 future = _dispatch(server, _fit("raw"))
@@ -264,6 +265,23 @@ def test_an_update_signed_with_another_clients_key_is_rejected(pki: PkiFiles) ->
         finally:
             raw.close()
     assert any("signature does not verify with client 'raw'" in line for line in log)
+
+
+def test_a_server_that_does_not_verify_signatures_does_not_ask_for_them(pki: PkiFiles) -> None:
+    with _server(pki, timeout=20.0, signed_replies=False) as server:
+        raw = RawClient(server.address, pki, "raw")
+        try:
+            assert raw.welcome.sign_replies is False
+            server.wait_for_clients(1, timeout=10)
+            future = _dispatch(server, _fit("raw"))
+            task_id, _, task = raw.next_task()
+            unsigned = raw.reply_chunks(task_id, b"", _update(task.params), key_of="raw")
+            unsigned[-1].signature = b""
+            raw.send(unsigned)
+            (reply,) = future.result(timeout=20)  # type: ignore[attr-defined]
+            assert reply.update is not None  # mutual TLS alone vouches for it
+        finally:
+            raw.close()
 
 
 def test_a_replayed_update_from_an_old_round_is_rejected(pki: PkiFiles) -> None:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x66\x65\x64loom/proto/fedloom.proto\x12\nfedloom.v1\"\\\n\x05\x43hunk\x12\x10\n\x08\x66rame_id\x18\x01 \x01(\x04\x12\x12\n\ntotal_size\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04last\x18\x04 \x01(\x08\x12\x11\n\tsignature\x18\x05 \x01(\x0c\"4\n\x05Hello\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x18\n\x10protocol_version\x18\x02 \x01(\r\"\x0b\n\tHeartbeat\"\x8b\x01\n\rClientMessage\x12\"\n\x05hello\x18\x01 \x01(\x0b\x32\x11.fedloom.v1.HelloH\x00\x12\"\n\x05reply\x18\x02 \x01(\x0b\x32\x11.fedloom.v1.ChunkH\x00\x12*\n\theartbeat\x18\x03 \x01(\x0b\x32\x15.fedloom.v1.HeartbeatH\x00\x42\x06\n\x04\x62ody\">\n\x07Welcome\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x19\n\x11heartbeat_seconds\x18\x02 \x01(\x01\";\n\x07Goodbye\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\r\n\x05\x66\x61tal\x18\x02 \x01(\x08\x12\x11\n\tcome_back\x18\x03 \x01(\x08\"\x16\n\x06Notice\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x17\n\x06\x46orget\x12\r\n\x05round\x18\x01 \x01(\r\"\xf9\x01\n\rServerMessage\x12&\n\x07welcome\x18\x01 \x01(\x0b\x32\x13.fedloom.v1.WelcomeH\x00\x12!\n\x04task\x18\x02 \x01(\x0b\x32\x11.fedloom.v1.ChunkH\x00\x12$\n\x06notice\x18\x03 \x01(\x0b\x32\x12.fedloom.v1.NoticeH\x00\x12&\n\x07goodbye\x18\x04 \x01(\x0b\x32\x13.fedloom.v1.GoodbyeH\x00\x12!\n\x04\x62lob\x18\x05 \x01(\x0b\x32\x11.fedloom.v1.ChunkH\x00\x12$\n\x06\x66orget\x18\x06 \x01(\x0b\x32\x12.fedloom.v1.ForgetH\x00\x42\x06\n\x04\x62ody2Q\n\nFederation\x12\x43\n\x07Session\x12\x19.fedloom.v1.ClientMessage\x1a\x19.fedloom.v1.ServerMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x66\x65\x64loom/proto/fedloom.proto\x12\nfedloom.v1\"\\\n\x05\x43hunk\x12\x10\n\x08\x66rame_id\x18\x01 \x01(\x04\x12\x12\n\ntotal_size\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04last\x18\x04 \x01(\x08\x12\x11\n\tsignature\x18\x05 \x01(\x0c\"4\n\x05Hello\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x18\n\x10protocol_version\x18\x02 \x01(\r\"\x0b\n\tHeartbeat\"\x8b\x01\n\rClientMessage\x12\"\n\x05hello\x18\x01 \x01(\x0b\x32\x11.fedloom.v1.HelloH\x00\x12\"\n\x05reply\x18\x02 \x01(\x0b\x32\x11.fedloom.v1.ChunkH\x00\x12*\n\theartbeat\x18\x03 \x01(\x0b\x32\x15.fedloom.v1.HeartbeatH\x00\x42\x06\n\x04\x62ody\"T\n\x07Welcome\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x19\n\x11heartbeat_seconds\x18\x02 \x01(\x01\x12\x14\n\x0csign_replies\x18\x03 \x01(\x08\";\n\x07Goodbye\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\r\n\x05\x66\x61tal\x18\x02 \x01(\x08\x12\x11\n\tcome_back\x18\x03 \x01(\x08\"\x16\n\x06Notice\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x17\n\x06\x46orget\x12\r\n\x05round\x18\x01 \x01(\r\"\xf9\x01\n\rServerMessage\x12&\n\x07welcome\x18\x01 \x01(\x0b\x32\x13.fedloom.v1.WelcomeH\x00\x12!\n\x04task\x18\x02 \x01(\x0b\x32\x11.fedloom.v1.ChunkH\x00\x12$\n\x06notice\x18\x03 \x01(\x0b\x32\x12.fedloom.v1.NoticeH\x00\x12&\n\x07goodbye\x18\x04 \x01(\x0b\x32\x13.fedloom.v1.GoodbyeH\x00\x12!\n\x04\x62lob\x18\x05 \x01(\x0b\x32\x11.fedloom.v1.ChunkH\x00\x12$\n\x06\x66orget\x18\x06 \x01(\x0b\x32\x12.fedloom.v1.ForgetH\x00\x42\x06\n\x04\x62ody2Q\n\nFederation\x12\x43\n\x07Session\x12\x19.fedloom.v1.ClientMessage\x1a\x19.fedloom.v1.ServerMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,15 +40,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLIENTMESSAGE']._serialized_start=205
   _globals['_CLIENTMESSAGE']._serialized_end=344
   _globals['_WELCOME']._serialized_start=346
-  _globals['_WELCOME']._serialized_end=408
-  _globals['_GOODBYE']._serialized_start=410
-  _globals['_GOODBYE']._serialized_end=469
-  _globals['_NOTICE']._serialized_start=471
-  _globals['_NOTICE']._serialized_end=493
-  _globals['_FORGET']._serialized_start=495
-  _globals['_FORGET']._serialized_end=518
-  _globals['_SERVERMESSAGE']._serialized_start=521
-  _globals['_SERVERMESSAGE']._serialized_end=770
-  _globals['_FEDERATION']._serialized_start=772
-  _globals['_FEDERATION']._serialized_end=853
+  _globals['_WELCOME']._serialized_end=430
+  _globals['_GOODBYE']._serialized_start=432
+  _globals['_GOODBYE']._serialized_end=491
+  _globals['_NOTICE']._serialized_start=493
+  _globals['_NOTICE']._serialized_end=515
+  _globals['_FORGET']._serialized_start=517
+  _globals['_FORGET']._serialized_end=540
+  _globals['_SERVERMESSAGE']._serialized_start=543
+  _globals['_SERVERMESSAGE']._serialized_end=792
+  _globals['_FEDERATION']._serialized_start=794
+  _globals['_FEDERATION']._serialized_end=875
 # @@protoc_insertion_point(module_scope)

@@ -42,12 +42,14 @@ class ClientMessage(_message.Message):
     def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., reply: _Optional[_Union[Chunk, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ...) -> None: ...
 
 class Welcome(_message.Message):
-    __slots__ = ("protocol_version", "heartbeat_seconds")
+    __slots__ = ("protocol_version", "heartbeat_seconds", "sign_replies")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SIGN_REPLIES_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     heartbeat_seconds: float
-    def __init__(self, protocol_version: _Optional[int] = ..., heartbeat_seconds: _Optional[float] = ...) -> None: ...
+    sign_replies: bool
+    def __init__(self, protocol_version: _Optional[int] = ..., heartbeat_seconds: _Optional[float] = ..., sign_replies: _Optional[bool] = ...) -> None: ...
 
 class Goodbye(_message.Message):
     __slots__ = ("reason", "fatal", "come_back")

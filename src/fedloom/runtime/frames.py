@@ -112,8 +112,9 @@ def decode_task(
     frame: bytes, blobs: Mapping[int, bytes]
 ) -> tuple[int, bytes, Task, LocalAlgorithm]:
     """Parse a task frame into (task id, nonce, task, client half), taking the arrays it refers
-    to from `blobs` (blob frames by id; the arrays are read-only views of them); raises `FrameError` (with `task_id` when it could be
-    read) for a malformed frame or a missing blob."""
+    to from `blobs` (blob frames by id; the arrays are read-only views of them); raises
+    `FrameError` (with `task_id` when it could be read) for a malformed frame or a missing
+    blob."""
     head, _ = _unpack(frame, "task")
     task_id = head.get("task")
     if not isinstance(task_id, int):

@@ -169,7 +169,7 @@ def _session(
         while (message := outbox.get()) is not None:
             yield message
 
-    welcomed = False
+    welcomed = signing = False
     blobs: OrderedDict[int, bytes] = OrderedDict()  # this session's models, oldest first
     beating = threading.Event()  # set when the session ends: stops the heartbeats
     with grpc.secure_channel(address, credentials, options=options) as channel:
@@ -189,7 +189,9 @@ def _session(
                         done[0] += 1
                         data = encode_reply(task_id, reply)
                         sig = (
-                            signer.sign(reply_message(nonce, frame_digest(data))) if signer else b""
+                            signer.sign(reply_message(nonce, frame_digest(data)))
+                            if signer and signing
+                            else b""
                         )
                         for chunk in chunks(task_id, data, CHUNK_BYTES, sig):
                             outbox.put(chunk_message(REPLY, chunk))
@@ -202,7 +204,7 @@ def _session(
                             f"the server speaks protocol version {version}, "
                             f"this client {PROTOCOL_VERSION}"
                         )
-                    welcomed = True
+                    welcomed, signing = True, message.welcome.sign_replies
                     log(f"connected to {address} as {client_id}")
                     every = message.welcome.heartbeat_seconds
                     if every > 0:

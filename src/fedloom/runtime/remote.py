@@ -53,8 +53,9 @@ class GrpcTransport:
 
     `server_cert`/`server_key` are PEM bytes; with `client_ca` (PEM) every client must present
     a certificate signed by it (mutual TLS), named for its client id, admitted by `enrolment`
-    (default: every certified client), and sign its replies. `timeout` bounds each dispatch, in
-    seconds (the round's deadline: stragglers are cut off). Clients send a heartbeat every
+    (default: every certified client), and sign its replies (unless `signed_replies` is off:
+    then TLS alone vouches for them). `timeout` bounds each dispatch, in seconds (the round's
+    deadline: stragglers are cut off). Clients send a heartbeat every
     `heartbeat` seconds; a session silent for 3 of those is dropped. `max_frame_bytes` caps
     one reassembled reply; `max_clients` caps concurrent sessions. Refusals, drops and
     discarded replies go to `log` (default: stderr).
@@ -68,6 +69,7 @@ class GrpcTransport:
         server_key: bytes,
         client_ca: bytes | None = None,
         enrolment: Enrolment | None = None,
+        signed_replies: bool = True,
         timeout: float = 600.0,
         heartbeat: float = 5.0,
         max_frame_bytes: int = MAX_FRAME_BYTES,
@@ -83,6 +85,7 @@ class GrpcTransport:
         self.chunk_bytes = chunk_bytes
         self.sessions = Sessions(
             mutual=client_ca is not None,
+            signed=signed_replies,
             enrolment=enrolment or Enrolment(),
             heartbeat=heartbeat,
             max_frame_bytes=max_frame_bytes,
