@@ -7,7 +7,7 @@ only under its certificate's common name).
 the client processes, and returns the server's measurements. The same file is the entry point
 of both kinds of child process:
 
-    python bench/deploy/fedloom_side.py server PREP CERTS OUT.json
+    python bench/deploy/fedloom_side.py server PREP CERTS OUT.json [--profile] [--unsigned]
     python bench/deploy/fedloom_side.py client PREP CERTS HOST:PORT K
 
 Round times are the server's `time.perf_counter` stamps: round r lasts from the end of round
@@ -57,7 +57,7 @@ def _model_params(prep: Path) -> Any:
     return params_from_module(model)
 
 
-def server_main(prep: Path, certs: Path, out: Path, profile: bool) -> None:
+def server_main(prep: Path, certs: Path, out: Path, profile: bool, unsigned: bool) -> None:
     """The server process: listen, wait for every client, run the rounds, write the result."""
     import numpy as np
     import torch
@@ -77,6 +77,7 @@ def server_main(prep: Path, certs: Path, out: Path, profile: bool) -> None:
         server_key=files.server_key.read_bytes(),
         client_ca=files.ca.read_bytes(),
         timeout=300.0,
+        signed_replies=not unsigned,
     )
     print(f"LISTENING {transport.address}", flush=True)
     try:
@@ -228,7 +229,13 @@ def write_pki(certs: Path, w: Workload) -> None:
 
 
 def run_fedloom(
-    w: Workload, prep: Path, certs: Path, work: Path, timeout: float, profile: bool = False
+    w: Workload,
+    prep: Path,
+    certs: Path,
+    work: Path,
+    timeout: float,
+    profile: bool = False,
+    unsigned: bool = False,
 ) -> dict[str, Any]:
     """Run the fedloom side once; return the server's JSON result plus its final weights' path.
     Every process it started is stopped before it returns."""
@@ -237,9 +244,10 @@ def run_fedloom(
     py = sys.executable
     env = {"PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
     flag = ["--profile"] if profile else []
+    server_flag = [*flag, "--unsigned"] if unsigned else flag
     with Processes(work / "logs-fedloom") as procs:
         server = procs.start(
-            "server", [py, str(HERE), "server", str(prep), str(certs), str(out), *flag],
+            "server", [py, str(HERE), "server", str(prep), str(certs), str(out), *server_flag],
             env=env, stdout_pipe=True,
         )  # fmt: skip
         assert server.stdout is not None
@@ -263,11 +271,11 @@ def run_fedloom(
 
 def main(argv: list[str]) -> None:
     """Child entry points: `server PREP CERTS OUT` or `client PREP CERTS ADDRESS K`."""
-    profile = "--profile" in argv
-    argv = [a for a in argv if a != "--profile"]
+    profile, unsigned = "--profile" in argv, "--unsigned" in argv
+    argv = [a for a in argv if a not in ("--profile", "--unsigned")]
     kind, prep, certs = argv[0], Path(argv[1]), Path(argv[2])
     if kind == "server":
-        server_main(prep, certs, Path(argv[3]), profile)
+        server_main(prep, certs, Path(argv[3]), profile, unsigned)
     elif kind == "client":
         client_main(prep, certs, argv[3], int(argv[4]), profile)
     else:

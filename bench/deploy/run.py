@@ -104,6 +104,7 @@ def measure(
     timeout: float,
     quiet_wait: float,
     profile: bool = False,
+    unsigned: bool = False,
 ) -> dict[str, Any]:
     """Run the selected parts; return the rows of the table and the raw numbers.
 
@@ -142,9 +143,13 @@ def measure(
         seconds = timed(raw[key]["round_seconds"], w)
         rows[key] = Row(f"loopback floor: round's bytes, {what}", seconds)
     if "fedloom" in only:
-        f = step("fedloom", "fedloom", lambda: run_fedloom(w, prep, certs, work, timeout, profile))
+        f = step(
+            "fedloom",
+            "fedloom",
+            lambda: run_fedloom(w, prep, certs, work, timeout, profile, unsigned),
+        )
         rows["fedloom"] = Row(
-            "fedloom gRPC (mutual TLS)",
+            "fedloom gRPC (mutual TLS" + (", unsigned replies)" if unsigned else ")"),
             timed([r["seconds"] for r in f["rounds"]], w),
             timed([max(r["client_seconds"]) for r in f["rounds"]], w),
         )
@@ -185,6 +190,11 @@ def main() -> None:
     )
     p.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
     p.add_argument(
+        "--unsigned",
+        action="store_true",
+        help="fedloom: GrpcTransport(signed_replies=False), replies left to mutual TLS",
+    )
+    p.add_argument(
         "--profile",
         action="store_true",
         help="fedloom: account client CPU per round, yappi on the server and client 0 "
@@ -196,7 +206,15 @@ def main() -> None:
     when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC") + (
         f" (revision {revision()})"
     )
-    result = measure(w, only, not args.flower_insecure, args.timeout, args.quiet_wait, args.profile)
+    result = measure(
+        w,
+        only,
+        not args.flower_insecure,
+        args.timeout,
+        args.quiet_wait,
+        args.profile,
+        args.unsigned,
+    )
     command = "flock /tmp/fedloom-bench.lock python bench/deploy/run.py" + (
         " " + shlex.join(sys.argv[1:]) if sys.argv[1:] else ""
     )
