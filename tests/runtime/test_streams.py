@@ -13,6 +13,7 @@ from fedloom.runtime.streams import (
     TASK,
     Chunk,
     chunk_message,
+    chunk_messages,
     chunks,
     parse_client_message,
     parse_server_message,
@@ -70,3 +71,12 @@ def test_parsing_gives_views_of_the_received_bytes_and_other_messages_as_protobu
 def test_malformed_chunk_messages_are_refused(data: bytes, why: str) -> None:
     with pytest.raises(FrameError, match=why):
         parse_client_message(data)
+
+
+@pytest.mark.parametrize("size", [1, 7, 4096, 10240, 20000])
+def test_messages_from_pieces_equal_the_messages_of_the_joined_frame(size: int) -> None:
+    pieces = [FRAME[:5], memoryview(FRAME)[5:4099], b"", FRAME[4099:]]
+    joined = [chunk_message(BLOB, c) for c in chunks(9, FRAME, size=size, signature=b"sig")]
+    assert chunk_messages(BLOB, 9, pieces, size=size, signature=b"sig") == joined
+    empty = [chunk_message(BLOB, c) for c in chunks(9, b"", size=size)]
+    assert chunk_messages(BLOB, 9, [b""], size=size) == empty == chunk_messages(BLOB, 9, [], size)

@@ -53,10 +53,16 @@ def encoded_size(layout: Layout) -> int:
 
 def encode(params: Params, meta: dict[str, Any] | None = None) -> bytes:
     """Serialise `params` (and optional JSON-serialisable `meta`) to bytes."""
+    return b"".join(encode_parts(params, meta))
+
+
+def encode_parts(params: Params, meta: dict[str, Any] | None = None) -> list[bytes | memoryview]:
+    """`encode`'s bytes as pieces to be written out in order, without copying the tensor
+    data (the last piece is a view of `params`, valid while it is)."""
     dtype = params.layout.dtype.newbyteorder("<")
     header = _header(params.layout, meta)
-    body = params.flat.astype(dtype, copy=False).tobytes()
-    return b"".join((_HEAD.pack(MAGIC, len(header)), header, body))
+    body = np.ascontiguousarray(params.flat.astype(dtype, copy=False))
+    return [_HEAD.pack(MAGIC, len(header)) + header, memoryview(body.data).cast("B")]
 
 
 def decode(

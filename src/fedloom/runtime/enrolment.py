@@ -15,6 +15,7 @@ EC (ECDSA with SHA-256), RSA (PSS with SHA-256) and Ed25519 keys are supported.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,9 +111,14 @@ def reply_message(nonce: bytes, digest: bytes) -> bytes:
     return _CONTEXT + nonce + digest
 
 
-def frame_digest(frame: bytes) -> bytes:
-    """SHA-256 of a frame (what `reply_message` takes)."""
-    return hashlib.sha256(frame).digest()
+def frame_digest(frame: bytes | Sequence[bytes | memoryview]) -> bytes:
+    """SHA-256 of a frame, or of the concatenation of its pieces (what `reply_message` takes)."""
+    if isinstance(frame, bytes):
+        return hashlib.sha256(frame).digest()
+    digest = hashlib.sha256()
+    for piece in frame:
+        digest.update(piece)
+    return digest.digest()
 
 
 def load_private_key(pem: bytes) -> Signer:

@@ -34,8 +34,8 @@ from fedloom.core.types import (
     TaskKind,
     Update,
 )
-from fedloom.core.wire import WireError, decode, encode
-from fedloom.runtime.messages import pack, unpack
+from fedloom.core.wire import WireError, decode, encode, encode_parts
+from fedloom.runtime.messages import pack, pack_parts, unpack
 
 #: The protocol version this fedloom speaks (`Hello.protocol_version`, `Welcome`).
 PROTOCOL_VERSION = 2
@@ -147,17 +147,21 @@ def decode_task(
 # -- replies ------------------------------------------------------------------------------------
 def encode_reply(task_id: int, reply: Reply) -> bytes:
     """A reply frame; an update that cannot be encoded becomes a failure."""
+    return b"".join(encode_reply_parts(task_id, reply))
+
+
+def encode_reply_parts(task_id: int, reply: Reply) -> list[bytes | memoryview]:
+    """`encode_reply`'s bytes as pieces in order, the arrays as views (not copied)."""
     head: dict[str, Any] = {"task": task_id, "client": reply.client_id, "seconds": reply.seconds}
     if reply.failure is not None:
-        return pack({**head, "failure": reply.failure.reason}, [])
+        return pack_parts({**head, "failure": reply.failure.reason}, [])
     if reply.evaluation is not None:
         ev = reply.evaluation
         metrics = {k: float(v) for k, v in ev.metrics.items()}
-        return pack(
-            {**head, "evaluation": {"num_examples": int(ev.num_examples), "metrics": metrics}}, []
-        )
+        evaluation = {"num_examples": int(ev.num_examples), "metrics": metrics}
+        return pack_parts({**head, "evaluation": evaluation}, [])
     if reply.update is None:
-        return pack({**head, "failure": "reply carries no update"}, [])
+        return pack_parts({**head, "failure": "reply carries no update"}, [])
     u = reply.update
     try:
         body = {
@@ -166,10 +170,11 @@ def encode_reply(task_id: int, reply: Reply) -> bytes:
             "metrics": {k: float(v) for k, v in u.metrics.items()},
             "extras": list(u.extras),
         }
-        return pack({**head, "update": body}, [encode(u.delta), *map(encode, u.extras.values())])
+        arrays = [encode_parts(u.delta), *map(encode_parts, u.extras.values())]
+        return pack_parts({**head, "update": body}, arrays)
     except Exception as exc:  # an update that cannot even be encoded is a failure
         why = f"update could not be encoded: {type(exc).__name__}: {exc}"
-        return pack({**head, "failure": why}, [])
+        return pack_parts({**head, "failure": why}, [])
 
 
 def decode_reply(frame: bytes) -> tuple[int, Reply]:

@@ -24,9 +24,16 @@ _LEN = struct.Struct("<I")
 
 def pack(header: dict[str, Any], blobs: Sequence[bytes]) -> bytes:
     """Frame a JSON header and binary blobs: u32 header length, header, blobs back to back."""
-    header = {**header, "_blobs": [len(b) for b in blobs]}
+    return b"".join(pack_parts(header, [[b] for b in blobs]))
+
+
+def pack_parts(
+    header: dict[str, Any], blobs: Sequence[Sequence[bytes | memoryview]]
+) -> list[bytes | memoryview]:
+    """`pack`'s bytes as pieces in order, each blob given as its own pieces (not copied)."""
+    header = {**header, "_blobs": [sum(len(p) for p in b) for b in blobs]}
     head = json.dumps(header, separators=(",", ":")).encode()
-    return b"".join([_LEN.pack(len(head)), head, *blobs])
+    return [_LEN.pack(len(head)) + head, *(p for b in blobs for p in b)]
 
 
 def unpack(message: bytes) -> tuple[dict[str, Any], list[memoryview]]:

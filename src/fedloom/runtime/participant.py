@@ -36,9 +36,9 @@ from fedloom.runtime.frames import (
     PROTOCOL_VERSION,
     FrameError,
     decode_task,
-    encode_reply,
+    encode_reply_parts,
 )
-from fedloom.runtime.streams import REPLY, Assembler, Chunk, chunk_message, chunks, session_call
+from fedloom.runtime.streams import REPLY, Assembler, Chunk, chunk_messages, session_call
 
 #: Models (blob frames) a session keeps: more than one dispatch ever refers to at once.
 _BLOBS_KEPT = 8
@@ -187,14 +187,14 @@ def _session(
                     elif message.kind == "task" and (frame := tasks.add(message)) is not None:
                         task_id, nonce, reply = _serve(frame, blobs, client_id, trainer, states)
                         done[0] += 1
-                        data = encode_reply(task_id, reply)
+                        parts = encode_reply_parts(task_id, reply)  # views: no copies yet
                         sig = (
-                            signer.sign(reply_message(nonce, frame_digest(data)))
+                            signer.sign(reply_message(nonce, frame_digest(parts)))
                             if signer and signing
                             else b""
                         )
-                        for chunk in chunks(task_id, data, CHUNK_BYTES, sig):
-                            outbox.put(chunk_message(REPLY, chunk))
+                        for data in chunk_messages(REPLY, task_id, parts, CHUNK_BYTES, sig):
+                            outbox.put(data)
                     continue
                 kind = message.WhichOneof("body")
                 if kind == "welcome":

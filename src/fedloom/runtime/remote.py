@@ -42,7 +42,7 @@ from fedloom.runtime.frames import (
     local_spec,
 )
 from fedloom.runtime.sessions import Pending, Results, Session, Sessions, failure, server_log
-from fedloom.runtime.streams import BLOB, TASK, chunk_message, chunks, server_handler
+from fedloom.runtime.streams import BLOB, TASK, chunk_messages, server_handler
 
 #: A model or broadcast vector encoded once per dispatch: (blob id, its messages, bytes).
 _Blob = tuple[int, list[bytes], int]
@@ -167,8 +167,8 @@ class GrpcTransport:
         def blob(params: Params) -> _Blob:
             if id(params) not in blobs:
                 blob_id, data = next(self._ids), encode_blob(params)
-                parts = chunks(blob_id, data, self.chunk_bytes)
-                blobs[id(params)] = (blob_id, [chunk_message(BLOB, c) for c in parts], len(data))
+                messages = chunk_messages(BLOB, blob_id, [data], self.chunk_bytes)
+                blobs[id(params)] = (blob_id, messages, len(data))
             return blobs[id(params)]
 
         try:
@@ -191,9 +191,7 @@ class GrpcTransport:
                     continue
                 waiting[task_id] = (task, session)
                 messages = [m for b in fresh for m in b[1]]
-                messages += (
-                    chunk_message(TASK, c) for c in chunks(task_id, frame, self.chunk_bytes)
-                )
+                messages += chunk_messages(TASK, task_id, [frame], self.chunk_bytes)
                 session.send(*messages)
             while waiting:
                 try:

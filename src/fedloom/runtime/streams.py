@@ -16,7 +16,7 @@ dispatch and sent as the same bytes to every session.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -134,17 +134,56 @@ def _varint(value: int) -> bytes:
 
 def chunk_message(field: int, chunk: Chunk) -> bytes:
     """The serialized `ClientMessage`/`ServerMessage` whose oneof member `field` is `chunk`."""
-    head = [b"\x08", _varint(chunk.frame_id)] if chunk.frame_id else []  # proto3: 0 is omitted
-    if chunk.total_size:
-        head += [b"\x10", _varint(chunk.total_size)]
-    data = chunk.data
-    if len(data):
-        head += [b"\x1a", _varint(len(data))]
-    tail = [b"\x20\x01"] if chunk.last else []
-    if chunk.signature:
-        tail += [b"\x2a", _varint(len(chunk.signature)), chunk.signature]
-    body = len(data) + sum(map(len, head)) + sum(map(len, tail))
-    return b"".join([_varint(field << 3 | 2), _varint(body), *head, data, *tail])
+    return _message(
+        field, chunk.frame_id, chunk.total_size, [chunk.data], chunk.last, chunk.signature
+    )
+
+
+def chunk_messages(
+    field: int,
+    frame_id: int,
+    frame: Sequence[bytes | memoryview],
+    size: int = CHUNK_BYTES,
+    signature: bytes = b"",
+) -> list[bytes]:
+    """The serialized messages (member `field`) of the frame made of the pieces `frame`, cut
+    into chunks of at most `size` bytes; each piece is copied once, into its message."""
+    total = sum(len(p) for p in frame)
+    messages: list[bytes] = []
+    pieces: list[bytes | memoryview] = []
+    filled = done = 0
+    for piece in frame:
+        view = memoryview(piece).cast("B")
+        while len(view):
+            take, view = view[: size - filled], view[size - filled :]
+            pieces.append(take)
+            filled += len(take)
+            if filled == size and done + size < total:  # a full chunk, and not the last
+                messages.append(_message(field, frame_id, total, pieces, False, b""))
+                pieces, filled, done = [], 0, done + size
+    messages.append(_message(field, frame_id, total, pieces, True, signature))
+    return messages
+
+
+def _message(
+    field: int,
+    frame_id: int,
+    total: int,
+    pieces: Sequence[bytes | memoryview],
+    last: bool,
+    signature: bytes,
+) -> bytes:
+    head = [b"\x08", _varint(frame_id)] if frame_id else []  # proto3: 0 is omitted
+    if total:
+        head += [b"\x10", _varint(total)]
+    length = sum(len(p) for p in pieces)
+    if length:
+        head += [b"\x1a", _varint(length)]
+    tail = [b"\x20\x01"] if last else []
+    if signature:
+        tail += [b"\x2a", _varint(len(signature)), signature]
+    body = length + sum(map(len, head)) + sum(map(len, tail))
+    return b"".join([_varint(field << 3 | 2), _varint(body), *head, *pieces, *tail])
 
 
 def serialize(message: bytes | pb.ClientMessage | pb.ServerMessage) -> bytes:
