@@ -27,7 +27,7 @@ from fedloom.experiment import build_strategy, build_trainers, load_clients, sta
 from fedloom.proto import fedloom_pb2 as pb
 from fedloom.proto import fedloom_pb2_grpc as pb_grpc
 from fedloom.runtime.federation import Federation, Settings
-from fedloom.runtime.frames import PROTOCOL_VERSION
+from fedloom.runtime.frames import MAX_MESSAGE_BYTES, PROTOCOL_VERSION
 from fedloom.runtime.participant import ParticipantError, run_participant
 from fedloom.runtime.remote import GrpcTransport
 
@@ -350,7 +350,7 @@ def test_a_message_over_grpcs_limit_is_refused_and_the_server_goes_on(
     raw = RawClient(transport.address, pki, "raw")
     try:
         transport.wait_for_clients(1, timeout=10)
-        reply = _dispatch_with(transport, raw, b"x" * (2 << 20))  # one 2 MiB message
+        reply = _dispatch_with(transport, raw, b"x" * (MAX_MESSAGE_BYTES + 1))  # one message
         assert reply.failure is not None and "disconnected" in reply.failure.reason
         with pytest.raises(grpc.RpcError) as info:
             next(raw.responses)

@@ -40,7 +40,7 @@ from fedloom.runtime.messages import pack, pack_parts, unpack
 #: The protocol version this fedloom speaks (`Hello.protocol_version`, `Welcome`).
 PROTOCOL_VERSION = 2
 #: Data bytes per chunk.
-CHUNK_BYTES = 1 << 20
+CHUNK_BYTES = 4 << 20
 #: gRPC's per-message cap on both ends: one chunk plus room for the protobuf envelope.
 MAX_MESSAGE_BYTES = CHUNK_BYTES + 64 * 1024
 #: Default cap on one reassembled frame (a task or a reply).

@@ -78,7 +78,7 @@ class GrpcTransport:
         log: Callable[[str], None] = server_log,
     ) -> None:
         if timeout <= 0 or heartbeat <= 0 or chunk_bytes <= 0 or chunk_bytes > CHUNK_BYTES:
-            raise ValueError("timeout and heartbeat must be > 0 and chunk_bytes in (0, 1 MiB]")
+            raise ValueError("timeout and heartbeat must be > 0 and chunk_bytes in (0, 4 MiB]")
         if enrolment is not None and enrolment != Enrolment() and client_ca is None:
             raise ValueError("an enrolment policy needs client certificates (client_ca)")
         self.timeout = timeout

@@ -1,7 +1,7 @@
 """The session stream's messages, with chunks encoded and parsed by hand to avoid copies.
 
 Nearly every byte of a session is chunk data (models out, updates back). Built as protobuf
-objects, a 1 MiB chunk is copied into the message, again when serialized, again when parsed,
+objects, a 4 MiB chunk is copied into the message, again when serialized, again when parsed,
 and once more each time `.data` is read. Here a chunk message is written straight from a view
 of its frame into the serialized bytes gRPC sends (one copy), and parsed into a `Chunk` whose
 `data` is a view of the bytes gRPC received (no copy); `Assembler` then joins a frame's chunks
