@@ -40,7 +40,6 @@ import platform  # noqa: E402
 import re  # noqa: E402
 import shlex  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
@@ -71,6 +70,7 @@ from fedloom.core.types import Metrics  # noqa: E402
 from fedloom.data import data_dir, load_mnist  # noqa: E402
 from fedloom.models import mnist_cnn  # noqa: E402
 from fedloom.runtime.aggregate import StreamingMean, check_update  # noqa: E402
+from machine_info import cpu_model, revision  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS = BENCH_DIR / "BENCHMARKS.md"
@@ -130,32 +130,10 @@ class Section:
 
 def machine() -> str:
     """CPU model (from `lscpu`), core count, and the Python / torch / NumPy versions."""
-    model = platform.processor() or "unknown CPU"
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        found = re.search(r"^Model name:\s*(.+)$", out, re.MULTILINE)
-        model = found.group(1).strip() if found else model
-    except (OSError, subprocess.CalledProcessError):
-        pass
     return (
-        f"{model}, {os.cpu_count()} cores; Python {platform.python_version()}, "
+        f"{cpu_model()}, {os.cpu_count()} cores; Python {platform.python_version()}, "
         f"torch {torch.__version__}, NumPy {np.__version__}"
     )
-
-
-def revision() -> str:
-    """The checked-out commit (`git describe --always --dirty`), or "unknown"."""
-    try:
-        out = subprocess.run(
-            ["git", "describe", "--always", "--dirty"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=BENCH_DIR,
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return out.stdout.strip()
 
 
 def median_ms(values: Sequence[float]) -> str:

@@ -37,12 +37,15 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # bench/: machine_info
 
 import floor
 from common import RESULTS_DIR, Interference, Workload, prepare, wait_quiet
 from fedloom_side import run_fedloom, write_pki
 from flower_side import run_flower
 from report import Row, cpu_summary, render, timed, write_benchmarks
+
+from machine_info import cpu_model, revision
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
 
@@ -51,40 +54,14 @@ def machine() -> str:
     """CPU model, core count, memory, and the Python / torch / grpcio / flwr versions."""
     import os
     import platform
-    import re
-    import subprocess
     from importlib.metadata import version
 
-    model = "unknown CPU"
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        found = re.search(r"^Model name:\s*(.+)$", out, re.MULTILINE)
-        model = found.group(1).strip() if found else model
-    except (OSError, subprocess.CalledProcessError):
-        pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return (
-        f"a {os.cpu_count()}-vCPU VM ({model}), {mem:.0f} GiB, no GPU; Python "
+        f"a {os.cpu_count()}-vCPU VM ({cpu_model()}), {mem:.0f} GiB, no GPU; Python "
         f"{platform.python_version()}, torch {version('torch')}, grpcio {version('grpcio')}, "
         f"flwr 1.42.0 (bench/.venv-flower)"
     )
-
-
-def revision() -> str:
-    """`git describe --always --dirty` of the checkout (dirty: uncommitted changes anywhere)."""
-    import subprocess
-
-    try:
-        out = subprocess.run(
-            ["git", "describe", "--always", "--dirty"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=BENCHMARKS.parent,
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return out.stdout.strip()
 
 
 def max_abs_diff(a: str, b: str) -> float:
