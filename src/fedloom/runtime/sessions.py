@@ -299,8 +299,8 @@ class Sessions:
                 why = f"late reply to task {task_id} of round {closed[0]} (it {closed[1]})"
             self._discard(session, why)
             return
-        cert, signed = session.cert, reply_message(pending.nonce, digest)
-        if self.signed and not malformed and cert and not verify(cert, signature, signed):
+        cert, message = session.cert, reply_message(pending.nonce, digest)
+        if self.signed and not malformed and cert and not verify(cert, signature, message):
             why = (
                 f"rejected reply: its signature does not verify with client {cid!r}'s "
                 "certificate (signed with another key, altered, or made for another task)"
