@@ -17,9 +17,10 @@ import grpc
 import numpy as np
 import pytest
 from cryptography import x509
+from participants import participants as participants_in_threads
 from toy import Toy, federation_of, initial
 
-from fedloom.algorithms import PlainLocal
+from fedloom.algorithms import FedAvg, PlainLocal
 from fedloom.certs import PkiFiles, write_test_pki
 from fedloom.core.params import Params
 from fedloom.core.types import FitConfig, Reply, Task, TaskKind, Update
@@ -33,6 +34,7 @@ from fedloom.runtime.enrolment import (
     load_private_key,
     reply_message,
 )
+from fedloom.runtime.federation import Federation, Settings
 from fedloom.runtime.frames import PROTOCOL_VERSION, decode_task, encode_blob, encode_reply
 from fedloom.runtime.participant import ParticipantError, run_participant
 from fedloom.runtime.remote import GrpcTransport
@@ -389,3 +391,36 @@ def test_a_session_receives_each_model_once_per_dispatch(
 def test_a_second_server_cannot_take_a_port_in_use(pki: PkiFiles) -> None:
     with _server(pki) as first, pytest.raises(OSError, match=f"cannot listen on {first.address}"):
         _server(pki, address=first.address)
+
+
+def test_a_wrong_shape_update_is_rejected_and_the_round_goes_on(pki: PkiFiles) -> None:
+    """A properly signed reply whose update has the wrong shape is a rejection naming the
+    tensor; the round aggregates the other client's update alone."""
+    toy = federation_of(1)["c00"]
+    settings = Settings(rounds=1, fraction_fit=1.0, min_fit_clients=2, min_replies=1)
+    with (
+        _server(pki, timeout=20.0) as server,
+        participants_in_threads(server.address, {"c00": toy}, pki),
+    ):
+        raw = RawClient(server.address, pki, "raw")
+        try:
+            server.wait_for_clients(2, timeout=10)
+            pool = ThreadPoolExecutor(1)
+            run = pool.submit(Federation(FedAvg(), server, ["c00", "raw"], settings).run, initial())
+            task_id, nonce, _ = raw.next_task()
+            wrong = Params.from_arrays(
+                {"w": np.ones((3, 2), np.float32), "b": np.ones(1, np.float32)}
+            )
+            raw.send(raw.reply_chunks(task_id, nonce, _update(wrong), key_of="raw"))
+            result = run.result(timeout=30)
+            pool.shutdown()
+        finally:
+            raw.close()
+    (record,) = result.history
+    assert record.num_accepted == 1 and [c.client_id for c in record.clients] == ["c00"]
+    ((who, why),) = [(r.client_id, r.reason) for r in record.rejections]
+    assert who == "raw" and why.startswith("delta: ") and "'w'" in why and "(3, 2)" in why
+    # the same round simulated, with a second client that fails, ends with the same model
+    failing = {"c00": federation_of(1)["c00"], "raw": Toy(toy.target, 10, mode="raise")}
+    simulated = Federation.simulation(FedAvg(), failing, settings).run(initial())
+    np.testing.assert_allclose(result.state.params.flat, simulated.state.params.flat, rtol=1e-6)
