@@ -21,14 +21,9 @@ from fedloom.algorithms import (
 )
 from fedloom.core import EvalConfig, Evaluation, FitConfig, Params, Trainer, Update
 from fedloom.runtime.client import ClientPool
-from fedloom.runtime.federation import (
-    Federation,
-    RoundFailed,
-    RoundResult,
-    RunResult,
-    Settings,
-)
+from fedloom.runtime.federation import Federation, RoundFailed, RoundResult, RunResult
 from fedloom.runtime.processes import ProcessTransport
+from fedloom.runtime.settings import Settings
 from fedloom.runtime.transport import InProcessTransport, Transport
 
 __version__ = "0.1.0"

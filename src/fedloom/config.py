@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from fedloom.runtime.federation import Settings
+from fedloom.runtime.settings import Settings
 
 DatasetName = Literal[
     "breast_cancer", "digits", "wine", "mnist", "fashion_mnist", "femnist", "shakespeare"
