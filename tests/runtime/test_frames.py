@@ -29,7 +29,13 @@ from fedloom.runtime.frames import (
     local_spec,
 )
 from fedloom.runtime.messages import pack
-from fedloom.runtime.streams import Assembler, chunks
+from fedloom.runtime.streams import (
+    REPLY,
+    Assembler,
+    Chunk,
+    chunk_messages,
+    parse_client_message,
+)
 
 
 def _round_trip(
@@ -115,11 +121,13 @@ def test_malformed_replies_are_refused_with_a_reason(frame: bytes, why: str) -> 
 def test_chunks_reassemble_and_violations_are_refused() -> None:
     frame = bytes(range(256)) * 100
     assembler = Assembler(max_bytes=len(frame))
-    parts = chunks(3, frame, size=1000)
-    assert len(parts) == 26 and parts[-1].last and not parts[0].last
-    assert [assembler.add(c) for c in parts[:-1]] == [None] * 25
-    assert assembler.add(parts[-1]) == frame
-    assert Assembler().add(chunks(4, b"")[0]) == b""
+    parts = [parse_client_message(m) for m in chunk_messages(REPLY, 3, [frame], size=1000)]
+    assert all(isinstance(c, Chunk) for c in parts)
+    assert len(parts) == 26 and parts[-1].last and not parts[0].last  # type: ignore[union-attr]
+    assert [assembler.add(c) for c in parts[:-1]] == [None] * 25  # type: ignore[arg-type]
+    assert assembler.add(parts[-1]) == frame  # type: ignore[arg-type]
+    (empty,) = chunk_messages(REPLY, 4, [b""])
+    assert Assembler().add(parse_client_message(empty)) == b""  # type: ignore[arg-type]
     with pytest.raises(FrameError, match="exceeds the cap"):
         Assembler(max_bytes=10).add(pb.Chunk(frame_id=1, total_size=11, data=b"x"))
     with pytest.raises(FrameError, match="more than the declared"):

@@ -38,7 +38,7 @@ from fedloom.runtime.federation import Federation, Settings
 from fedloom.runtime.frames import PROTOCOL_VERSION, decode_task, encode_blob, encode_reply
 from fedloom.runtime.participant import ParticipantError, run_participant
 from fedloom.runtime.remote import GrpcTransport
-from fedloom.runtime.streams import Assembler, chunks
+from fedloom.runtime.streams import Assembler
 
 IDS = ("c00", "c01", "c02", "x", "raw", "slow")
 
@@ -223,10 +223,8 @@ class RawClient:
         signer = load_private_key(self.pki.client_files(key_of)[1].read_bytes())
         sig = signer.sign(reply_message(nonce, frame_digest(frame)))
         return [
-            pb.Chunk(frame_id=c.frame_id, total_size=c.total_size, data=bytes(c.data), last=c.last,
-                     signature=c.signature)
-            for c in chunks(task_id, frame, signature=sig)
-        ]  # fmt: skip
+            pb.Chunk(frame_id=task_id, total_size=len(frame), data=frame, last=True, signature=sig)
+        ]
 
     def send(self, parts: list[pb.Chunk]) -> None:
         for chunk in parts:

@@ -12,9 +12,7 @@ from fedloom.runtime.streams import (
     REPLY,
     TASK,
     Chunk,
-    chunk_message,
     chunk_messages,
-    chunks,
     parse_client_message,
     parse_server_message,
 )
@@ -22,25 +20,43 @@ from fedloom.runtime.streams import (
 FRAME = bytes(range(256)) * 40  # 10 KiB
 
 
+def _by_protobuf(frame: bytes, size: int, signature: bytes) -> list[pb.Chunk]:
+    """The chunks of `frame` (id 300) as generated protobuf messages."""
+    starts = range(0, max(len(frame), 1), size)
+    return [
+        pb.Chunk(
+            frame_id=300,
+            total_size=len(frame),
+            data=frame[s : s + size],
+            last=s + size >= len(frame),
+            signature=signature if s + size >= len(frame) else b"",
+        )
+        for s in starts
+    ]
+
+
+@pytest.mark.parametrize("size", [1, 7, 4096, 10240, 20000])
 @pytest.mark.parametrize("signature", [b"", b"sig" * 30])
-def test_chunk_messages_are_byte_for_byte_what_protobuf_writes(signature: bytes) -> None:
-    for chunk in chunks(300, FRAME, size=4096, signature=signature):
-        as_pb = pb.Chunk(
-            frame_id=300, total_size=len(FRAME), data=bytes(chunk.data), last=chunk.last,
-            signature=chunk.signature,
-        )  # fmt: skip
-        assert chunk_message(REPLY, chunk) == pb.ClientMessage(reply=as_pb).SerializeToString()
-        assert chunk_message(TASK, chunk) == pb.ServerMessage(task=as_pb).SerializeToString()
-        assert chunk_message(BLOB, chunk) == pb.ServerMessage(blob=as_pb).SerializeToString()
-    empty = Chunk(0, 0, b"", True)
-    assert (
-        chunk_message(TASK, empty) == pb.ServerMessage(task=pb.Chunk(last=True)).SerializeToString()
+def test_chunk_messages_are_byte_for_byte_what_protobuf_writes(size: int, signature: bytes) -> None:
+    expected = _by_protobuf(FRAME, size, signature)
+    for field, wrap in (
+        (REPLY, lambda c: pb.ClientMessage(reply=c)),
+        (TASK, lambda c: pb.ServerMessage(task=c)),
+        (BLOB, lambda c: pb.ServerMessage(blob=c)),
+    ):
+        want = [wrap(c).SerializeToString() for c in expected]
+        assert chunk_messages(field, 300, [FRAME], size, signature) == want
+    # the same frame given in pieces (views, empty ones) gives the same messages
+    pieces = [FRAME[:5], memoryview(FRAME)[5:4099], b"", FRAME[4099:]]
+    assert chunk_messages(BLOB, 300, pieces, size, signature) == chunk_messages(
+        BLOB, 300, [FRAME], size, signature
     )
+    empty = [pb.ServerMessage(task=c).SerializeToString() for c in _by_protobuf(b"", size, b"")]
+    assert chunk_messages(TASK, 300, [b""], size) == empty == chunk_messages(TASK, 300, [], size)
 
 
 def test_parsing_gives_views_of_the_received_bytes_and_other_messages_as_protobuf() -> None:
-    (chunk,) = chunks(7, FRAME, signature=b"s")
-    data = chunk_message(BLOB, chunk)
+    (data,) = chunk_messages(BLOB, 7, [FRAME], signature=b"s")
     back = parse_server_message(data)
     assert isinstance(back, Chunk) and back.kind == "blob"
     assert (back.frame_id, back.total_size, back.last, back.signature) == (
@@ -50,7 +66,8 @@ def test_parsing_gives_views_of_the_received_bytes_and_other_messages_as_protobu
         b"s",
     )
     assert isinstance(back.data, memoryview) and back.data.obj is data and back.data == FRAME
-    reply = parse_client_message(chunk_message(REPLY, chunk))
+    (data,) = chunk_messages(REPLY, 7, [FRAME])
+    reply = parse_client_message(data)
     assert isinstance(reply, Chunk) and reply.kind == "reply"
     hello = pb.ClientMessage(hello=pb.Hello(client_id="c", protocol_version=2))
     assert parse_client_message(hello.SerializeToString()) == hello
@@ -71,12 +88,3 @@ def test_parsing_gives_views_of_the_received_bytes_and_other_messages_as_protobu
 def test_malformed_chunk_messages_are_refused(data: bytes, why: str) -> None:
     with pytest.raises(FrameError, match=why):
         parse_client_message(data)
-
-
-@pytest.mark.parametrize("size", [1, 7, 4096, 10240, 20000])
-def test_messages_from_pieces_equal_the_messages_of_the_joined_frame(size: int) -> None:
-    pieces = [FRAME[:5], memoryview(FRAME)[5:4099], b"", FRAME[4099:]]
-    joined = [chunk_message(BLOB, c) for c in chunks(9, FRAME, size=size, signature=b"sig")]
-    assert chunk_messages(BLOB, 9, pieces, size=size, signature=b"sig") == joined
-    empty = [chunk_message(BLOB, c) for c in chunks(9, b"", size=size)]
-    assert chunk_messages(BLOB, 9, [b""], size=size) == empty == chunk_messages(BLOB, 9, [], size)

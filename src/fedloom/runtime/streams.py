@@ -58,19 +58,6 @@ class ChunkLike(Protocol):
     def signature(self) -> bytes: ...
 
 
-def chunks(
-    frame_id: int, frame: bytes, size: int = CHUNK_BYTES, signature: bytes = b""
-) -> list[Chunk]:
-    """`frame` as consecutive chunks of at most `size` bytes (one chunk if empty), each a view
-    of `frame`; the last carries `signature`."""
-    view = memoryview(frame)
-    n = len(frame)
-    return [
-        Chunk(frame_id, n, view[s : s + size], s + size >= n, signature if s + size >= n else b"")
-        for s in range(0, max(n, 1), size)
-    ]
-
-
 class Assembler:
     """Reassembles frames from consecutive chunks, refusing frames over `max_bytes`.
 
@@ -130,13 +117,6 @@ def _varint(value: int) -> bytes:
         value >>= 7
     out.append(value)
     return bytes(out)
-
-
-def chunk_message(field: int, chunk: Chunk) -> bytes:
-    """The serialized `ClientMessage`/`ServerMessage` whose oneof member `field` is `chunk`."""
-    return _message(
-        field, chunk.frame_id, chunk.total_size, [chunk.data], chunk.last, chunk.signature
-    )
 
 
 def chunk_messages(
