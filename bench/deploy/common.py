@@ -16,7 +16,7 @@ import statistics
 import subprocess
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -128,9 +128,8 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def _sessions_of(sids: set[int]) -> list[int]:
-    """Pids of every live process whose session id is in `sids` (from /proc)."""
-    found = []
+def _proc_stats() -> Iterator[tuple[int, list[str]]]:
+    """(pid, the fields of /proc/PID/stat from the state on) of every process now."""
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -138,10 +137,13 @@ def _sessions_of(sids: set[int]) -> list[int]:
             stat = Path(f"/proc/{entry}/stat").read_text()
         except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
-        if int(fields[3]) in sids and fields[0] != "Z":  # fields[3]: session id
-            found.append(int(entry))
-    return found
+        yield int(entry), stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
+
+
+def _sessions_of(sids: set[int]) -> list[int]:
+    """Pids of every live process whose session id is in `sids` (from /proc)."""
+    # fields[3]: session id
+    return [pid for pid, fields in _proc_stats() if int(fields[3]) in sids and fields[0] != "Z"]
 
 
 class Processes:
@@ -218,17 +220,9 @@ class Processes:
 def _proc_table() -> dict[tuple[int, int], tuple[int, float]]:
     """Every process: (pid, start time in ticks) -> (parent pid, CPU seconds used so far)."""
     tick = os.sysconf("SC_CLK_TCK")
-    table = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        f = stat[stat.rindex(")") + 2 :].split()  # fields from 3 (state) on
-        table[(int(entry), int(f[19]))] = (int(f[1]), (int(f[11]) + int(f[12])) / tick)
-    return table
+    return {
+        (pid, int(f[19])): (int(f[1]), (int(f[11]) + int(f[12])) / tick) for pid, f in _proc_stats()
+    }
 
 
 class Interference:
