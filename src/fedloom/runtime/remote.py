@@ -93,7 +93,7 @@ class GrpcTransport:
         )
         #: Set once the transport is closed.
         self.closed = self.sessions.closed
-        # Random start: a restarted server never reissues the ids of its previous life.
+        # Random 48-bit start: a restarted server practically never reuses its previous ids.
         self._ids = itertools.count(secrets.randbelow(1 << 48) + 1)
         self._server = grpc.server(
             ThreadPoolExecutor(max_workers=max_clients + 4, thread_name_prefix="fedloom-grpc"),
