@@ -46,7 +46,7 @@ class Workload:
 
     clients: int = 20
     rounds: int = 10
-    warmup: int = 2
+    warmup: int = 10
     batch: int = 50
     lr: float = 0.1
     seed: int = 0

@@ -8,7 +8,11 @@ the client processes, and returns the server's measurements. The same file is th
 of both kinds of child process:
 
     python bench/deploy/fedloom_side.py server PREP CERTS OUT.json [--profile] [--unsigned]
-    python bench/deploy/fedloom_side.py client PREP CERTS HOST:PORT K
+    python bench/deploy/fedloom_side.py client PREP CERTS HOST:PORT K [--no-train]
+
+With `--no-train` the clients' trainer returns a zero update without training: the round is
+then the transport alone (dispatch, the model down, decoding, encoding, signing, the update
+up, checks, aggregation), the direct measure of what fedloom adds to moving the bytes.
 
 Round times are the server's `time.perf_counter` stamps: round r lasts from the end of round
 r - 1 (`on_round`; for round 1, just before `Federation.run`) to the end of round r, so they
@@ -20,8 +24,9 @@ module, the SGD step, the delta), as recorded in the round's `ClientRecord`s.
 With `profile=True` (`run.py --profile`) two things are added, neither of which the timed
 configuration has: each client's trainer is wrapped so that its update's metrics carry the
 client process's CPU seconds (`cpu_fit`: inside `fit`; `cpu_total`: since the process
-started), and the server and client 0 run under yappi (CPU clock, all threads) over the timed
-rounds, if yappi can be imported (`PYTHONPATH` with a yappi install; it is not a dependency).
+started) and its minor page faults so far (`faults`), and the server and client 0 run under
+yappi (CPU clock, all threads) over the timed rounds, if yappi can be imported
+(`PYTHONPATH` with a yappi install; it is not a dependency).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import resource
 import sys
 import time
 from dataclasses import replace
@@ -132,8 +138,11 @@ def server_main(prep: Path, certs: Path, out: Path, profile: bool, unsigned: boo
         transport.close()
 
 
-def client_main(prep: Path, certs: Path, address: str, k: int, profile: bool) -> None:
-    """One client process: its shard, a `TorchTrainer` around the CNN, `run_participant`."""
+def client_main(
+    prep: Path, certs: Path, address: str, k: int, profile: bool, train: bool = True
+) -> None:
+    """One client process: its shard, a `TorchTrainer` around the CNN, `run_participant`
+    (with `train=False`, a trainer that returns a zero update without training)."""
     import numpy as np
     import torch
 
@@ -148,6 +157,8 @@ def client_main(prep: Path, certs: Path, address: str, k: int, profile: bool) ->
     y = np.load(prep / f"shard_{k}_y.npy")
     trainer: Trainer = TorchTrainer(mnist_cnn(), (x, y))
     profiler = None
+    if not train:
+        trainer = _NoTraining(trainer)
     if profile:
         trainer = _Accounted(trainer)
         if k == 0:
@@ -170,6 +181,26 @@ def client_main(prep: Path, certs: Path, address: str, k: int, profile: bool) ->
         profiler.stop()
 
 
+class _NoTraining:
+    """A trainer whose `fit` returns a zero update at once (`run.py`'s transport-only run)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def initial_params(self) -> Any:
+        return self.inner.initial_params()
+
+    def evaluate(self, params: Any, config: Any) -> Any:
+        return self.inner.evaluate(params, config)
+
+    def fit(self, params: Any, config: Any) -> Any:
+        import numpy as np
+
+        from fedloom.core.types import Update
+
+        return Update(params.with_flat(np.zeros_like(params.flat)), config.batch_size, 0, {})
+
+
 class _Accounted:
     """A trainer that adds its process's CPU seconds to each update's metrics (`--profile`)."""
 
@@ -186,7 +217,8 @@ class _Accounted:
         start = time.process_time()
         update = self.inner.fit(params, config)
         end = time.process_time()
-        metrics = {**update.metrics, "cpu_fit": end - start, "cpu_total": end}
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        metrics = {**update.metrics, "cpu_fit": end - start, "cpu_total": end, "faults": faults}
         return replace(update, metrics=metrics)
 
 
@@ -236,16 +268,19 @@ def run_fedloom(
     timeout: float,
     profile: bool = False,
     unsigned: bool = False,
+    train: bool = True,
 ) -> dict[str, Any]:
     """Run the fedloom side once; return the server's JSON result plus its final weights' path.
+    With `train=False` the clients return zero updates without training (the transport alone).
     Every process it started is stopped before it returns."""
-    out = work / "fedloom.json"
+    out = work / ("fedloom.json" if train else "fedloom-transport.json")
     out.unlink(missing_ok=True)
     py = sys.executable
     env = {"PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
     flag = ["--profile"] if profile else []
+    client_flag = flag if train else [*flag, "--no-train"]
     server_flag = [*flag, "--unsigned"] if unsigned else flag
-    with Processes(work / "logs-fedloom") as procs:
+    with Processes(work / ("logs-fedloom" if train else "logs-fedloom-transport")) as procs:
         server = procs.start(
             "server", [py, str(HERE), "server", str(prep), str(certs), str(out), *server_flag],
             env=env, stdout_pipe=True,
@@ -258,7 +293,7 @@ def run_fedloom(
         for k in range(w.clients):
             procs.start(
                 f"client-{k:02d}",
-                [py, str(HERE), "client", str(prep), str(certs), address, str(k), *flag],
+                [py, str(HERE), "client", str(prep), str(certs), address, str(k), *client_flag],
                 env=env,
             )
         rc = server.wait(timeout=timeout)
@@ -271,13 +306,13 @@ def run_fedloom(
 
 def main(argv: list[str]) -> None:
     """Child entry points: `server PREP CERTS OUT` or `client PREP CERTS ADDRESS K`."""
-    profile, unsigned = "--profile" in argv, "--unsigned" in argv
-    argv = [a for a in argv if a not in ("--profile", "--unsigned")]
+    profile, unsigned, train = "--profile" in argv, "--unsigned" in argv, "--no-train" not in argv
+    argv = [a for a in argv if a not in ("--profile", "--unsigned", "--no-train")]
     kind, prep, certs = argv[0], Path(argv[1]), Path(argv[2])
     if kind == "server":
         server_main(prep, certs, Path(argv[3]), profile, unsigned)
     elif kind == "client":
-        client_main(prep, certs, argv[3], int(argv[4]), profile)
+        client_main(prep, certs, argv[3], int(argv[4]), profile, train)
     else:
         raise SystemExit(f"unknown role {kind!r}")
 

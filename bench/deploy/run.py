@@ -131,6 +131,15 @@ def measure(
             timed([max(r["client_seconds"]) for r in f["rounds"]], w),
         )
         raw["fedloom_bytes"] = f["rounds"][-1]["bytes_down"] + f["rounds"][-1]["bytes_up"]
+        t = step(
+            "fedloom_transport",
+            "fedloom, training switched off",
+            lambda: run_fedloom(w, prep, certs, work, timeout, profile, unsigned, train=False),
+        )
+        rows["fedloom_transport"] = Row(
+            "fedloom gRPC, training switched off (the transport alone)",
+            timed([r["seconds"] for r in t["rounds"]], w),
+        )
     if "flower" in only:
         fl = step(
             "flower", "Flower", lambda: run_flower(w, prep, certs, work, timeout, tls=tls_flower)
@@ -152,7 +161,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--clients", type=int, default=20)
     p.add_argument("--rounds", type=int, default=10, help="timed rounds (default 10)")
-    p.add_argument("--warmup", type=int, default=2, help="rounds run and dropped first")
+    # 10: freshly started processes fault in fresh memory for their first rounds (measured on
+    # the fedloom side: 150,000 page faults in round 2 across the clients, 45,000 in round 8,
+    # 15,000 from round 10 on) and those rounds run 1.2-2x slower; steady state comes after.
+    p.add_argument("--warmup", type=int, default=10, help="rounds run and dropped first")
     p.add_argument("--batch", type=int, default=50, help="examples per client = one step")
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--only", action="append", choices=["fedloom", "flower"],

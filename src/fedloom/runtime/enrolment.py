@@ -7,25 +7,26 @@ certificate fingerprints (SHA-256 of the DER certificate, hex), for a client who
 before its certificate expired.
 
 Every reply is signed with the client's certificate key over the task's nonce and the reply
-frame's SHA-256 (`reply_message`), so the server can check that the update was produced for
+frame's BLAKE3 digest (`reply_message`; BLAKE3 hashes about 3x faster than SHA-256 here, and
+both ends hash every update), so the server can check that the update was produced for
 THIS task (not replayed from an old round) by THIS client (not signed with another one's key).
 EC (ECDSA with SHA-256), RSA (PSS with SHA-256) and Ed25519 keys are supported.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import blake3
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.x509.oid import NameOID
 
-_CONTEXT = b"fedloom reply v1\x00"
+_CONTEXT = b"fedloom reply v2 blake3\x00"
 _PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 
 
@@ -106,19 +107,23 @@ def _lines(path: Path) -> list[str]:
 
 # -- signed replies -----------------------------------------------------------------------------
 def reply_message(nonce: bytes, digest: bytes) -> bytes:
-    """What a client signs for a reply: a context string, the task's nonce and the SHA-256 of
-    the reply frame."""
+    """What a client signs for a reply: a context string, the task's nonce and the reply
+    frame's digest (`frame_digest`)."""
     return _CONTEXT + nonce + digest
 
 
+def reply_hasher() -> blake3.blake3:
+    """A fresh hasher for reply frames (BLAKE3, 32-byte digests): feed it with `update`."""
+    return blake3.blake3()
+
+
 def frame_digest(frame: bytes | Sequence[bytes | memoryview]) -> bytes:
-    """SHA-256 of a frame, or of the concatenation of its pieces (what `reply_message` takes)."""
-    if isinstance(frame, bytes):
-        return hashlib.sha256(frame).digest()
-    digest = hashlib.sha256()
-    for piece in frame:
-        digest.update(piece)
-    return digest.digest()
+    """The digest of a frame, or of the concatenation of its pieces (what `reply_message`
+    takes)."""
+    hasher = reply_hasher()
+    for piece in [frame] if isinstance(frame, bytes) else frame:
+        hasher.update(piece)
+    return hasher.digest()
 
 
 def load_private_key(pem: bytes) -> Signer:

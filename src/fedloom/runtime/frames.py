@@ -38,7 +38,7 @@ from fedloom.core.wire import WireError, decode, encode, encode_parts
 from fedloom.runtime.messages import pack, pack_parts, unpack
 
 #: The protocol version this fedloom speaks (`Hello.protocol_version`, `Welcome`).
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 #: Data bytes per chunk.
 CHUNK_BYTES = 4 << 20
 #: gRPC's per-message cap on both ends: one chunk plus room for the protobuf envelope.

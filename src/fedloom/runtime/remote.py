@@ -15,10 +15,15 @@ exception). A client that breaks the chunk framing or sends a frame over `max_fr
 loses its session (its pending tasks fail) and is told why; the server and the other clients
 go on. Replies that come after their dispatch stopped waiting are discarded and kept for
 `late_replies`.
+
+The first `dispatch` calls `gc.freeze()`: what the server process holds once its run is set up
+(modules, model, data) leaves the cyclic garbage collector's scans, which otherwise rescan it
+again and again as gRPC's per-message objects come and go.
 """
 
 from __future__ import annotations
 
+import gc
 import itertools
 import queue
 import secrets
@@ -35,14 +40,13 @@ from fedloom.runtime.enrolment import Enrolment
 from fedloom.runtime.frames import (
     CHUNK_BYTES,
     MAX_FRAME_BYTES,
-    MAX_MESSAGE_BYTES,
     FrameError,
     encode_blob,
     encode_task,
     local_spec,
 )
 from fedloom.runtime.sessions import Pending, Results, Session, Sessions, failure, server_log
-from fedloom.runtime.streams import BLOB, TASK, chunk_messages, server_handler
+from fedloom.runtime.streams import BLOB, TASK, TRANSFER_OPTIONS, chunk_messages, server_handler
 
 #: A model or broadcast vector encoded once per dispatch: (blob id, its messages, bytes).
 _Blob = tuple[int, list[bytes], int]
@@ -95,11 +99,11 @@ class GrpcTransport:
         self.closed = self.sessions.closed
         # Random 48-bit start: a restarted server practically never reuses its previous ids.
         self._ids = itertools.count(secrets.randbelow(1 << 48) + 1)
+        self._frozen = False  # gc.freeze() done (first dispatch)
         self._server = grpc.server(
             ThreadPoolExecutor(max_workers=max_clients + 4, thread_name_prefix="fedloom-grpc"),
             options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                *TRANSFER_OPTIONS,
                 # a second server on the same port fails instead of sharing it silently
                 ("grpc.so_reuseport", 0),
                 # accept the participants' keepalive pings (every 20 s)
@@ -152,6 +156,9 @@ class GrpcTransport:
         and sent to each session once, ahead of the first task that needs it."""
         if not tasks:
             return
+        if not self._frozen:
+            gc.freeze()
+            self._frozen = True
         try:
             spec = local_spec(local)
         except FrameError as exc:

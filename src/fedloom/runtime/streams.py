@@ -15,7 +15,6 @@ dispatch and sent as the same bytes to every session.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -23,12 +22,32 @@ from typing import Protocol
 import grpc
 
 from fedloom.proto import fedloom_pb2 as pb
-from fedloom.runtime.frames import CHUNK_BYTES, MAX_FRAME_BYTES, FrameError
+from fedloom.runtime.enrolment import reply_hasher
+from fedloom.runtime.frames import CHUNK_BYTES, MAX_FRAME_BYTES, MAX_MESSAGE_BYTES, FrameError
 
 _SERVICE, _METHOD = "fedloom.v1.Federation", "Session"
 #: Field numbers of the chunk-carrying members of the two `oneof body`s.
 REPLY, TASK, BLOB = 2, 2, 5
 _SERVER_CHUNKS = {TASK: "task", BLOB: "blob"}
+
+#: gRPC channel arguments both ends of a session use, for moving multi-megabyte chunks.
+#: Message caps: one chunk plus its envelope. HTTP/2 frames up to the protocol's maximum
+#: (16 MiB - 1) instead of 16 KiB, so a chunk crosses in a few frames, not hundreds; a fixed
+#: flow-control window of two chunks per stream instead of one that starts at 64 KiB and grows
+#: by probing (the sender never waits for window updates mid-chunk; it also bounds what a
+#: stream can buffer); socket reads of up to 8 MiB instead of starting at 8 KiB. Measured on the
+#: deployment benchmark with training switched off (bench/deploy, `--no-train`): the round
+#: went from 0.66 s to 0.54 s, and the server's CPU from 0.52 to 0.39 s per round.
+TRANSFER_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.http2.max_frame_size", (1 << 24) - 1),
+    ("grpc.http2.lookahead_bytes", 2 * MAX_MESSAGE_BYTES),
+    ("grpc.http2.bdp_probe", 0),
+    ("grpc.experimental.tcp_read_chunk_size", 1 << 20),
+    ("grpc.experimental.tcp_min_read_chunk_size", 64 << 10),
+    ("grpc.experimental.tcp_max_read_chunk_size", 8 << 20),
+)
 
 
 @dataclass(frozen=True)
@@ -62,7 +81,7 @@ class Assembler:
     """Reassembles frames from consecutive chunks, refusing frames over `max_bytes`.
 
     With `digest=True` it hashes the chunks as they arrive: after `add` returned a frame,
-    `digest` is its SHA-256 and `signature` what its last chunk carried."""
+    `digest` is its `frame_digest` and `signature` what its last chunk carried."""
 
     def __init__(self, max_bytes: int = MAX_FRAME_BYTES, *, digest: bool = False) -> None:
         self.max_bytes = max_bytes
@@ -70,8 +89,8 @@ class Assembler:
         self._size = 0
         self._frame: tuple[int, int] | None = None
         self._hashing = digest
-        self._hash = hashlib.sha256()
-        #: SHA-256 of the last frame returned (with `digest=True`).
+        self._hash = reply_hasher()
+        #: The digest of the last frame returned (with `digest=True`).
         self.digest = b""
         #: The signature on the last frame's last chunk.
         self.signature = b""
@@ -105,7 +124,7 @@ class Assembler:
         self._parts, self._size, self._frame = [], 0, None
         self.signature = bytes(chunk.signature)
         if self._hashing:
-            self.digest, self._hash = self._hash.digest(), hashlib.sha256()
+            self.digest, self._hash = self._hash.digest(), reply_hasher()
         return frame
 
 
