@@ -181,8 +181,8 @@ def client_main(
         profiler.stop()
 
 
-class _NoTraining:
-    """A trainer whose `fit` returns a zero update at once (`run.py`'s transport-only run)."""
+class _Wrapped:
+    """A trainer around another one: everything but `fit` goes to `inner`."""
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
@@ -192,6 +192,10 @@ class _NoTraining:
 
     def evaluate(self, params: Any, config: Any) -> Any:
         return self.inner.evaluate(params, config)
+
+
+class _NoTraining(_Wrapped):
+    """A trainer whose `fit` returns a zero update at once (`run.py`'s transport-only run)."""
 
     def fit(self, params: Any, config: Any) -> Any:
         import numpy as np
@@ -201,17 +205,8 @@ class _NoTraining:
         return Update(params.with_flat(np.zeros_like(params.flat)), config.batch_size, 0, {})
 
 
-class _Accounted:
+class _Accounted(_Wrapped):
     """A trainer that adds its process's CPU seconds to each update's metrics (`--profile`)."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-
-    def initial_params(self) -> Any:
-        return self.inner.initial_params()
-
-    def evaluate(self, params: Any, config: Any) -> Any:
-        return self.inner.evaluate(params, config)
 
     def fit(self, params: Any, config: Any) -> Any:
         start = time.process_time()
