@@ -104,3 +104,51 @@ def test_large_client_states_do_not_deadlock_the_pipes() -> None:
         faulthandler.cancel_dump_traceback_later()
     b = run(InProcessTransport(ClientPool(trainers)), trainers, Scaffold(num_clients=8), settings)
     assert a.state.params.flat.tobytes() == b.state.params.flat.tobytes()
+
+
+def test_an_interrupt_between_receiving_and_booking_a_reply_does_not_hang(
+    monkeypatch,  # type: ignore[no-untyped-def]
+) -> None:
+    """Ctrl-C can land after a reply left its pipe and before the dispatch booked it; the
+    dispatch must then raise at once, not wait for a reply that will never come."""
+    import threading
+
+    import fedloom.runtime.processes as processes
+    from fedloom.core.types import Task, TaskKind
+
+    real_parse = processes.parse_reply
+    calls = []
+
+    def interrupted(data: bytes):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_parse(data)
+
+    monkeypatch.setattr(processes, "parse_reply", interrupted)
+    trainers = federation_of(6)
+    transport = ProcessTransport(ClientPool(trainers), workers=2)
+    params = next(iter(trainers.values())).initial_params()
+    tasks = [
+        Task(cid, TaskKind.FIT, params, fit=FitConfig(round=1, batch_size=5)) for cid in trainers
+    ]
+    outcome: list[BaseException | None] = []
+
+    def consume() -> None:
+        try:
+            list(transport.dispatch(tasks, FedAvg().local))
+            outcome.append(None)
+        except BaseException as exc:  # the interrupt is what this test waits for
+            outcome.append(exc)
+
+    thread = threading.Thread(target=consume, daemon=True)
+    thread.start()
+    thread.join(timeout=30)
+    try:
+        assert not thread.is_alive(), "dispatch hung after an interrupt"
+        assert len(outcome) == 1 and isinstance(outcome[0], KeyboardInterrupt)
+        monkeypatch.setattr(processes, "parse_reply", real_parse)
+        replies = list(transport.dispatch(tasks, FedAvg().local))  # fresh workers, all served
+        assert len(replies) == len(tasks) and all(r.failure is None for r in replies)
+    finally:
+        transport.close()

@@ -204,7 +204,9 @@ class ProcessTransport:
         A worker that dies fails the tasks it held (recorded as failures, the round goes on);
         the workers are restarted at the next dispatch. Closing the iterator early (a round
         that closed, see `Settings.over_selection`) waits for the tasks the workers are running
-        and drops their replies; tasks not yet handed out never run.
+        and drops their replies; tasks not yet handed out never run. Any other exception
+        (KeyboardInterrupt included) propagates at once, and the workers are restarted at the
+        next dispatch.
         """
         if not tasks:
             return
@@ -251,8 +253,15 @@ class ProcessTransport:
                 while next_out in done:
                     yield done.pop(next_out)
                     next_out += 1
-        finally:  # an abandoned dispatch: take (and drop) the replies the workers still owe
+        except GeneratorExit:  # closed at a `yield`: drop the replies the workers still owe
             self._drain(busy)
+            raise
+        except BaseException:
+            # Interrupted anywhere else (Ctrl-C arrives between any two bytecodes): a reply may
+            # have been read but not booked, or a task half sent, so waiting for what the
+            # bookkeeping says is owed could wait forever. Restart the workers instead.
+            self._local = None
+            raise
 
     def _drain(self, busy: dict[Connection, list[int]]) -> None:
         """Receive and discard the replies of tasks still running (their client states are
