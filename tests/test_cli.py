@@ -125,7 +125,12 @@ def test_ctrl_c_records_the_run_as_interrupted(tmp_path: Path) -> None:
         time.sleep(0.05)
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:  # a run that ignored the interrupt must not outlive the test
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
     (run,) = RunStore(db).list_runs()
     assert proc.returncode == 130
     assert f"fedloom run --resume {run.id}" in err
