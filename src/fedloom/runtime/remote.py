@@ -16,9 +16,9 @@ loses its session (its pending tasks fail) and is told why; the server and the o
 go on. Replies that come after their dispatch stopped waiting are discarded and kept for
 `late_replies`.
 
-The first `dispatch` calls `gc.freeze()`: what the server process holds once its run is set up
-(modules, model, data) leaves the cyclic garbage collector's scans, which otherwise rescan it
-again and again as gRPC's per-message objects come and go.
+The first `dispatch` calls `gc.collect()` then `gc.freeze()`: what the server process holds
+once its run is set up (modules, model, data) leaves the cyclic garbage collector's scans,
+which otherwise rescan it again and again as gRPC's per-message objects come and go.
 """
 
 from __future__ import annotations
@@ -156,7 +156,8 @@ class GrpcTransport:
         and sent to each session once, ahead of the first task that needs it."""
         if not tasks:
             return
-        if not self._frozen:
+        if not self._frozen:  # collect first, so no garbage cycle is frozen for good
+            gc.collect()
             gc.freeze()
             self._frozen = True
         try:
