@@ -35,9 +35,9 @@ _SERVER_CHUNKS = {TASK: "task", BLOB: "blob"}
 #: (16 MiB - 1) instead of 16 KiB, so a chunk crosses in a few frames, not hundreds; a fixed
 #: flow-control window of two chunks per stream instead of one that starts at 64 KiB and grows
 #: by probing (the sender never waits for window updates mid-chunk; it also bounds what a
-#: stream can buffer); socket reads of up to 8 MiB instead of starting at 8 KiB. Measured on the
-#: deployment benchmark with training switched off (bench/deploy, `--no-train`): the round
-#: went from 0.66 s to 0.54 s, and the server's CPU from 0.52 to 0.39 s per round.
+#: stream can buffer); socket reads of up to 8 MiB instead of starting at 8 KiB. Measured on
+#: bench/deploy's transport-alone run (training switched off, 2 warm-up rounds): the round went
+#: from 0.66 s to 0.54 s, and the server's CPU from 0.52 to 0.39 s per round.
 TRANSFER_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
