@@ -110,3 +110,16 @@ def test_encode_rejects() -> None:
         encode(np.array([0.0, 0.1, 1.5]), 1.0, 2)
     with pytest.raises(ValueError, match="index 1"):
         encode(np.array([0.0, np.nan]), 1.0, 2)
+
+
+def test_scale_uses_the_whole_ring_and_refuses_bad_arguments() -> None:
+    n, clip = 100, 1.0
+    top = encode(np.full(3, clip), clip, n).astype(np.uint64)
+    assert int(top.max()) * n < 2**32  # n encodings of +clip fit without wrapping
+    assert int(top.max()) * n > 2**32 - 2 * n  # and nearly fill the ring: no bit left unused
+    for bad_clip in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="clip"):
+            scale_for(bad_clip, n)
+    for bad_n in (0, -3, True):
+        with pytest.raises(ValueError, match="n_summands"):
+            scale_for(clip, bad_n)

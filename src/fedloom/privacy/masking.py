@@ -98,8 +98,15 @@ def apply_masks(
 
 
 def scale_for(clip: float, n_summands: int) -> float:
-    """Scale s = (floor((2^32-1)/(2n)) - 1) / (2 clip): n encodings sum below 2^32."""
-    return float((2**32 - 1) // (2 * n_summands) - 1) / (2.0 * clip)
+    """Scale s = (floor((2^32-1)/n) - 1) / (2 clip): an encoding is at most 2 clip s, so n of
+    them sum below 2^32 (the one-step margin absorbs float rounding in `encode`).
+
+    Raises ValueError unless clip is finite and > 0 and n_summands is an int >= 1."""
+    if not (np.isfinite(clip) and clip > 0):
+        raise ValueError(f"clip must be finite and > 0, got {clip!r}")
+    if isinstance(n_summands, bool) or not isinstance(n_summands, int) or n_summands < 1:
+        raise ValueError(f"n_summands must be an int >= 1, got {n_summands!r}")
+    return float((2**32 - 1) // n_summands - 1) / (2.0 * clip)
 
 
 def encode(values: npt.ArrayLike, clip: float, n_summands: int) -> U32Array:
